@@ -1,0 +1,247 @@
+"""The torch.func plumbing: functional calls, the differentiable inner loop and its two paths.
+
+Nothing here validates user input; :mod:`noether_wrap.wrapper` does that at the boundary.
+
+Two paths run the same inner loop (:func:`inner_loop`):
+
+* batch-shared: one ``torch.autograd.grad`` of the batch-mean Noether loss per inner step, so
+  the whole batch takes one step (the paper's code);
+* per-sample: ``torch.func.vmap`` over ``torch.func.grad``, so every sequence takes its own step
+  and its prediction does not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+Params = dict[str, Tensor]
+#: ``(inputs, model_output) -> (batch,)`` per-sequence Noether loss.
+LossFn = Callable[[Tensor, Tensor], Tensor]
+#: ``(model, inputs, *args, **kwargs) -> prediction``.
+PredictFn = Callable[..., Tensor]
+
+_NORM_EPS = 1e-12
+
+
+class _Bound(nn.Module):
+    """Calls ``fn(model, ...)`` so that ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, fn: PredictFn) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.fn(self.model, *args, **kwargs)
+
+
+@dataclass
+class InnerProblem:
+    """What one forward pass's inner loop needs; built fresh by the wrapper for every call."""
+
+    model: nn.Module
+    predict: _Bound | None
+    buffers: Params
+    loss: LossFn
+    steps: int
+    lr: Tensor
+    create_graph: bool
+    differentiable: bool
+    max_grad_norm: float | None
+    need_final_loss: bool
+    step_index: int = 0
+
+    def rollout(self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
+        """The wrapped model's output with ``params`` swapped in."""
+        out: Tensor = functional_call(self.model, (params, self.buffers), (inputs, *args), dict(kwargs))
+        return out
+
+    def prediction(self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
+        """What the wrapper returns for ``params``: ``predict(model, ...)``, else the rollout."""
+        if self.predict is None:
+            return self.rollout(params, inputs, args, kwargs)
+        prefixed = {"model." + n: v for n, v in params.items()}
+        prefixed.update({"model." + n: v for n, v in self.buffers.items()})
+        out: Tensor = functional_call(self.predict, prefixed, (inputs, *args), dict(kwargs))
+        return out
+
+
+class InnerResult(NamedTuple):
+    """``prediction`` and ``initial``: like the model's; ``losses``: ``(batch, k or k + 1)``;
+    ``ok``: ``(batch,)`` bool, False where an inner step produced a non-finite value."""
+
+    prediction: Tensor
+    initial: Tensor
+    losses: Tensor
+    ok: Tensor
+
+
+#: ``params -> (inner gradients, model output, per-sequence losses)``.
+GradientFn = Callable[[Params], tuple[Params, Tensor, Tensor]]
+
+
+def _all_finite(tensors: Any) -> Tensor:
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all()
+
+
+def _clip(grads: Params, max_norm: float) -> Params:
+    norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))  # type: ignore[arg-type]
+    scale = (max_norm / (norm + _NORM_EPS)).clamp(max=1.0)
+    return {n: g * scale for n, g in grads.items()}
+
+
+def inner_loop(
+    problem: InnerProblem,
+    params: Params,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    gradient: GradientFn,
+    fresh: Callable[[Params], Params],
+) -> InnerResult:
+    """Run ``problem.steps`` plain SGD steps on the Noether loss, starting from ``params``.
+
+    ``gradient`` decides whether the step is shared by the batch or taken per sample; ``fresh``
+    turns stepped parameters into the next step's starting point (identity when the outer graph
+    is kept, ``detach().requires_grad_()`` otherwise).
+    """
+    start = params
+    losses: list[Tensor] = []
+    ok = torch.ones((), dtype=torch.bool, device=inputs.device)
+    initial: Tensor | None = None
+    for i in range(problem.steps):
+        problem.step_index = i
+        grads, output, loss = gradient(params)
+        if i == 0:
+            initial = output
+        losses.append(loss)
+        if problem.max_grad_norm is not None:
+            grads = _clip(grads, problem.max_grad_norm)
+        ok = ok & torch.isfinite(loss).all() & _all_finite(grads.values())
+        params = fresh({n: p - problem.lr * grads[n] for n, p in params.items()})
+    problem.step_index = problem.steps
+    assert initial is not None
+    final_output = None
+    if problem.predict is None or problem.need_final_loss:
+        final_output = problem.rollout(params, inputs, args, kwargs)
+    if problem.predict is None:
+        assert final_output is not None
+        prediction = final_output
+    else:
+        prediction = problem.prediction(params, inputs, args, kwargs)
+        initial = problem.prediction(start, inputs, args, kwargs)
+    if problem.need_final_loss:
+        assert final_output is not None
+        losses.append(problem.loss(inputs, final_output))
+        ok = ok & torch.isfinite(losses[-1]).all()
+    ok = ok & torch.isfinite(prediction).all()
+    return InnerResult(prediction, initial, torch.stack(losses, dim=-1), ok)
+
+
+def _keep_graph(params: Params) -> Params:
+    return params
+
+
+def _cut_graph(params: Params) -> Params:
+    return {n: p.detach().requires_grad_() for n, p in params.items()}
+
+
+def tailor_shared(
+    problem: InnerProblem,
+    params: Params,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> InnerResult:
+    """One step for the whole batch per inner step, on the batch mean of the Noether loss.
+
+    Returns an :class:`InnerResult` with ``ok`` broadcast to ``(batch,)``.
+    """
+
+    def gradient(current: Params) -> tuple[Params, Tensor, Tensor]:
+        with torch.enable_grad():
+            output = problem.rollout(current, inputs, args, kwargs)
+            loss = problem.loss(inputs, output)
+            grads = torch.autograd.grad(
+                loss.mean(), list(current.values()), create_graph=problem.create_graph
+            )
+        return dict(zip(current, grads)), output, loss
+
+    if problem.differentiable:
+        fresh = _keep_graph
+        params = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
+    else:
+        fresh = _cut_graph
+        params = _cut_graph(params)
+    result = inner_loop(problem, params, inputs, args, kwargs, gradient, fresh)
+    if not problem.differentiable:
+        result = InnerResult(*(t.detach() for t in result))
+    return result._replace(ok=result.ok.expand(inputs.shape[0]))
+
+
+def batched_dims(values: tuple[Any, ...], batch: int) -> tuple[int | None, ...]:
+    """``0`` for each tensor whose first dim is ``batch`` (split per sample), else ``None``."""
+    return tuple(
+        0 if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else None
+        for v in values
+    )
+
+
+def _unsqueeze(values: tuple[Any, ...], dims: tuple[int | None, ...]) -> tuple[Any, ...]:
+    return tuple(v.unsqueeze(0) if d == 0 else v for v, d in zip(values, dims))
+
+
+def tailor_per_sample(
+    problem: InnerProblem,
+    params: Params,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> InnerResult:
+    """Every sequence takes its own inner steps: ``vmap`` over ``grad``.
+
+    Inside the map each sequence is seen as a batch of one, so the model and the embedding run
+    unchanged. Extra arguments whose first dim is the batch size are split per sample; the rest
+    are passed whole to every sample.
+    """
+    batch = inputs.shape[0]
+    arg_dims = batched_dims(args, batch)
+    names = tuple(kwargs)
+    kw_values = tuple(kwargs[n] for n in names)
+    kw_dims = batched_dims(kw_values, batch)
+    start = params if problem.differentiable else {n: p.detach() for n, p in params.items()}
+
+    def one(x: Tensor, a: tuple[Any, ...], kv: tuple[Any, ...]) -> InnerResult:
+        x = x.unsqueeze(0)
+        a = _unsqueeze(a, arg_dims)
+        kw = dict(zip(names, _unsqueeze(kv, kw_dims)))
+
+        def objective(current: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            output = problem.rollout(current, x, a, kw)
+            loss = problem.loss(x, output)
+            return loss.sum(), (output, loss)
+
+        def gradient(current: Params) -> tuple[Params, Tensor, Tensor]:
+            grads, (output, loss) = grad(objective, has_aux=True)(current)
+            if not problem.create_graph:
+                grads = {n: g.detach() for n, g in grads.items()}
+            return grads, output, loss
+
+        result = inner_loop(problem, start, x, a, kw, gradient, _keep_graph)
+        return InnerResult(
+            result.prediction.squeeze(0),
+            result.initial.squeeze(0),
+            result.losses.squeeze(0),
+            result.ok,
+        )
+
+    mapped = vmap(one, in_dims=(0, arg_dims, kw_dims), randomness="different")
+    result: InnerResult = mapped(inputs, args, kw_values)
+    return result

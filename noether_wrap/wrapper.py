@@ -1,0 +1,416 @@
+"""NoetherWrapper: tailor any sequence predictor to a learned conservation law at prediction time."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from noether_wrap import _func
+from noether_wrap.loss import (
+    DISTANCES,
+    LOSS_FORMS,
+    Distance,
+    LossForm,
+    as_reference_frames,
+    check_choice,
+    per_sequence_noether_loss,
+)
+
+#: ``adapt``: None (all trainable parameters), a glob on parameter names, or a predicate.
+AdaptSpec = Union[None, str, Callable[[str, nn.Parameter], bool]]
+
+_NONFINITE_WARNING = (
+    "NoetherWrapper: an inner step produced non-finite values for {count} of {batch} "
+    "sequence(s); they keep their untailored prediction. Consider a smaller `inner_lr`, "
+    "`max_inner_grad_norm`, or a shorter `inner_horizon`."
+)
+
+
+class TailorOutput(NamedTuple):
+    """What ``NoetherWrapper(..., return_info=True)`` returns.
+
+    Attributes:
+        prediction: the tailored prediction, shaped like the wrapped model's output.
+        initial_prediction: the prediction before any inner step, same shape.
+        noether_losses: ``(batch, inner_steps + 1)``, each sequence's Noether loss before every
+            inner step and after the last one.
+    """
+
+    prediction: Tensor
+    initial_prediction: Tensor
+    noether_losses: Tensor
+
+
+class NoetherWrapper(nn.Module):
+    """Wrap a sequence predictor so that every prediction is tailored to a learned conserved quantity.
+
+    On each call the wrapper rolls ``model`` out, takes ``inner_steps`` plain gradient steps on
+    the Noether loss of the rollout (see :func:`noether_wrap.noether_loss`) with respect to the
+    adapted parameters of ``model``, and predicts again with the adapted parameters. The steps
+    are differentiable (second order, as in MAML), so an ordinary training loop on the returned
+    prediction trains the model, the embedding and the step size together. The wrapped model's
+    own parameters and buffers are never written.
+
+    Args:
+        model: a sequence predictor, ``model(inputs, *args, **kwargs)`` -> ``(batch, T, *state)``
+            with time at ``time_dim`` (``*state`` has at least one axis).
+        embedding: ``g``, maps ``(N, *state)`` (``(N, window * state[0], *state[1:])`` when
+            ``window > 1``) to ``(N, m)`` or ``(N,)``.
+        inner_steps: ``k >= 0``; 0 makes the wrapper exactly ``model``.
+        inner_lr: the initial inner step size (> 0), stored as ``log_inner_lr``.
+        learn_inner_lr: whether ``log_inner_lr`` is a Parameter (else a buffer).
+        loss_form: ``"anchor"`` (compare to the start) or ``"chain"`` (to the previous step).
+        distance: ``"mse"`` or ``"cosine"``.
+        window: frames the embedding sees at once.
+        per_sample: True: every sequence is tailored on its own (``torch.func.vmap``); False:
+            one step shared by the batch on the batch-mean loss.
+        adapt: which parameters of ``model`` are tailored: None (all trainable), a glob on
+            parameter names (``"decoder.*"``) or a predicate ``(name, param) -> bool``.
+        first_order: drop second-order terms; the embedding then gets no outer gradient.
+        reference: ``inputs -> x0``, the observed frames the loss anchors on, ``(batch, *state)``
+            or ``(batch, r, *state)``; default: ``inputs`` when it has no time axis, else its
+            last ``window`` frames along ``time_dim``.
+        time_dim: the time axis of the model's output (and of ``inputs`` if it has one).
+        inner_horizon: the Noether loss uses only the first ``inner_horizon`` predicted steps.
+        keep_if_better: per sequence, keep the untailored prediction where tailoring did not
+            lower the Noether loss.
+        max_inner_grad_norm: clip each inner gradient (per sequence when ``per_sample``) to this
+            global norm.
+        predict: ``(model, inputs, *args, **kwargs) -> Tensor``; what the adapted model
+            returns, when that is not the rollout the loss is computed on. Example: tailor a
+            vector field on its one-step RK4 rollout but return the field itself,
+            ``predict=lambda m, x: m.step(x)``.
+
+    Shapes:
+        ``forward(inputs, *args, return_info=False, **kwargs)``: the prediction has the shape of
+        ``model(inputs, *args, **kwargs)`` (or of ``predict``'s output).
+
+    Example:
+        >>> import torch
+        >>> from noether_wrap import NoetherWrapper, Rollout
+        >>> from noether_wrap.embeddings import MLPEmbedding
+        >>> model = Rollout(torch.nn.Linear(2, 2), horizon=10)
+        >>> net = NoetherWrapper(model, MLPEmbedding(2), inner_steps=1, inner_lr=1e-2)
+        >>> net(torch.randn(8, 2)).shape
+        torch.Size([8, 10, 2])
+    """
+
+    log_inner_lr: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        embedding: nn.Module | Callable[[Tensor], Tensor],
+        *,
+        inner_steps: int = 1,
+        inner_lr: float = 1e-3,
+        learn_inner_lr: bool = True,
+        loss_form: LossForm = "anchor",
+        distance: Distance = "mse",
+        window: int = 1,
+        per_sample: bool = True,
+        adapt: AdaptSpec = None,
+        first_order: bool = False,
+        reference: Callable[[Tensor], Tensor] | None = None,
+        time_dim: int = 1,
+        inner_horizon: int | None = None,
+        keep_if_better: bool = False,
+        max_inner_grad_norm: float | None = None,
+        predict: Callable[..., Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_module("model", model)
+        if not callable(embedding):
+            raise TypeError(f"`embedding` (type: {type(embedding).__name__}) is not callable.")
+        _check_int("inner_steps", inner_steps, minimum=0)
+        if (
+            not isinstance(inner_lr, (int, float))
+            or isinstance(inner_lr, bool)
+            or not math.isfinite(inner_lr)
+            or inner_lr <= 0
+        ):
+            raise ValueError(f"`inner_lr` must be a positive finite float, got {inner_lr!r}.")
+        check_choice("loss_form", loss_form, LOSS_FORMS)
+        check_choice("distance", distance, DISTANCES)
+        _check_int("window", window, minimum=1)
+        _check_int("time_dim", time_dim, minimum=1)
+        if inner_horizon is not None:
+            _check_int("inner_horizon", inner_horizon, minimum=1)
+        if max_inner_grad_norm is not None and not (
+            isinstance(max_inner_grad_norm, (int, float)) and max_inner_grad_norm > 0
+        ):
+            raise ValueError(
+                f"`max_inner_grad_norm` must be a positive float or None, got {max_inner_grad_norm!r}."
+            )
+        for name, fn in (("reference", reference), ("predict", predict)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"`{name}` must be callable or None, got {type(fn).__name__}.")
+        if not (adapt is None or isinstance(adapt, str) or callable(adapt)):
+            raise TypeError(
+                f"`adapt` must be None, a glob string or a predicate (name, param) -> bool; "
+                f"got {type(adapt).__name__}."
+            )
+
+        self.model = model
+        self.embedding = embedding
+        self.inner_steps = inner_steps
+        self.loss_form = loss_form
+        self.distance = distance
+        self.window = window
+        self.per_sample = bool(per_sample)
+        self.adapt = adapt
+        self.first_order = bool(first_order)
+        self.reference = reference
+        self.time_dim = time_dim
+        self.inner_horizon = inner_horizon
+        self.keep_if_better = bool(keep_if_better)
+        self.max_inner_grad_norm = None if max_inner_grad_norm is None else float(max_inner_grad_norm)
+        self.predict = predict
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        log_lr = torch.tensor(
+            math.log(inner_lr),
+            dtype=torch.get_default_dtype() if first is None else first.dtype,
+            device=None if first is None else first.device,
+        )
+        if learn_inner_lr:
+            self.log_inner_lr = nn.Parameter(log_lr)
+        else:
+            self.register_buffer("log_inner_lr", log_lr)
+        self.adapted_names()  # fail now, not at the first call, if `adapt` selects nothing
+        if self.first_order and isinstance(embedding, nn.Module):
+            if any(p.requires_grad for p in embedding.parameters()):
+                warnings.warn(
+                    "NoetherWrapper(first_order=True): the inner gradient is detached, so the "
+                    "embedding's trainable parameters get no outer gradient and will not learn. "
+                    "Use first_order=False to learn the embedding.",
+                    stacklevel=2,
+                )
+
+    @property
+    def inner_lr(self) -> float:
+        """The current inner step size, ``exp(log_inner_lr)``."""
+        return float(self.log_inner_lr.detach().exp())
+
+    def extra_repr(self) -> str:
+        return (
+            f"inner_steps={self.inner_steps}, inner_lr={self.inner_lr:.3g}, "
+            f"loss_form={self.loss_form!r}, distance={self.distance!r}, window={self.window}, "
+            f"per_sample={self.per_sample}, first_order={self.first_order}"
+        )
+
+    def adapted_names(self) -> list[str]:
+        """Names of the model parameters that ``adapt`` selects, in ``named_parameters`` order.
+
+        Raises:
+            ValueError: ``adapt`` selects no parameter.
+        """
+        named = list(self.model.named_parameters())
+        adapt = self.adapt
+        if adapt is None:
+            names = [n for n, p in named if p.requires_grad]
+        elif isinstance(adapt, str):
+            names = [n for n, _ in named if fnmatch.fnmatchcase(n, adapt)]
+        else:
+            names = [n for n, p in named if adapt(n, p)]
+        if not names:
+            available = ", ".join(n for n, _ in named[:8]) or "none"
+            raise ValueError(
+                f"`adapt` (={adapt!r}) selects no parameter of `model`; its parameters are: "
+                f"{available}{', ...' if len(named) > 8 else ''}."
+            )
+        return names
+
+    def forward(
+        self, inputs: Tensor, *args: Any, return_info: bool = False, **kwargs: Any
+    ) -> Tensor | TailorOutput:
+        """Predict with the model tailored to the Noether loss of its own rollout.
+
+        Args:
+            inputs: the model's first argument, ``(batch, ...)``.
+            *args, **kwargs: passed to the model (and to ``predict``). With ``per_sample``,
+                tensors whose first dim is the batch size are split per sequence.
+            return_info: return a :class:`TailorOutput` instead of the prediction.
+
+        Returns:
+            The tailored prediction, shaped like ``model(inputs, *args, **kwargs)``; or a
+            :class:`TailorOutput` when ``return_info`` is True.
+        """
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"`inputs` must be a Tensor, got {type(inputs).__name__}.")
+        if inputs.dim() < 1 or inputs.shape[0] == 0:
+            raise ValueError(
+                f"`inputs` must have a non-empty batch axis first; got shape {tuple(inputs.shape)}."
+            )
+        if self.inner_steps == 0:
+            if self.predict is not None:
+                out = self.predict(self.model, inputs, *args, **kwargs)
+            else:
+                out = self.model(inputs, *args, **kwargs)
+            if not return_info:
+                return out
+            rollout = out if self.predict is None else self.model(inputs, *args, **kwargs)
+            return TailorOutput(out, out, self._loss(inputs, rollout).unsqueeze(1))
+        if self.per_sample:
+            self._check_no_batch_norm_training()
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+                kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+                return self._tailor(inputs.clone(), args, kwargs, return_info)
+        return self._tailor(inputs, args, kwargs, return_info)
+
+    def _tailor(
+        self, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], return_info: bool
+    ) -> Tensor | TailorOutput:
+        problem = self._problem(need_final_loss=return_info or self.keep_if_better)
+        selected = set(self.adapted_names())
+        params = {n: p for n, p in self.model.named_parameters() if n in selected}
+        run = _func.tailor_per_sample if self.per_sample else _func.tailor_shared
+        try:
+            result = run(problem, params, inputs, args, kwargs)
+            if not bool(result.ok.all()):
+                result = self._recover(problem, run, params, inputs, args, kwargs, result)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"NoetherWrapper: tailoring failed at inner step {problem.step_index} of "
+                f"inner_steps={self.inner_steps} for inputs of shape {tuple(inputs.shape)}: {error}"
+            ) from error
+        prediction = result.prediction
+        if self.keep_if_better:
+            better = result.losses[:, -1] < result.losses[:, 0]
+            prediction = _select(better, prediction, result.initial)
+        if return_info:
+            return TailorOutput(prediction, result.initial, result.losses)
+        return prediction
+
+    def _recover(
+        self,
+        problem: _func.InnerProblem,
+        run: Callable[..., _func.InnerResult],
+        params: dict[str, Tensor],
+        inputs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        result: _func.InnerResult,
+    ) -> _func.InnerResult:
+        """Give sequences whose inner steps went non-finite their untailored prediction.
+
+        The tailored values of the other sequences are recomputed without the failed ones, so
+        no non-finite value enters the graph that the outer gradient flows through.
+        """
+        ok = result.ok
+        batch = inputs.shape[0]
+        warnings.warn(
+            _NONFINITE_WARNING.format(count=int((~ok).sum()), batch=batch),
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        initial = problem.prediction(params, inputs, args, kwargs)
+        if not problem.differentiable:
+            initial = initial.detach()
+        if not self.per_sample or not bool(ok.any()):
+            return _func.InnerResult(initial, initial, result.losses.detach(), ok)
+        keep = ok.nonzero().squeeze(1)
+        dims_a = _func.batched_dims(args, batch)
+        sub_args = tuple(a[keep] if d == 0 else a for a, d in zip(args, dims_a))
+        kw_names = tuple(kwargs)
+        dims_k = _func.batched_dims(tuple(kwargs.values()), batch)
+        sub_kwargs = {
+            n: (v[keep] if d == 0 else v) for n, v, d in zip(kw_names, kwargs.values(), dims_k)
+        }
+        sub = run(problem, params, inputs[keep], sub_args, sub_kwargs)
+        prediction = initial.index_copy(0, keep, sub.prediction)
+        losses = result.losses.detach().index_copy(0, keep, sub.losses.detach())
+        return _func.InnerResult(prediction, initial, losses, ok)
+
+    def _problem(self, need_final_loss: bool) -> _func.InnerProblem:
+        differentiable = torch.is_grad_enabled()
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        lr = self.log_inner_lr.exp()
+        if not differentiable:
+            lr = lr.detach()
+        return _func.InnerProblem(
+            model=self.model,
+            predict=None if self.predict is None else _func._Bound(self.model, self.predict),
+            buffers=buffers,
+            loss=self._loss,
+            steps=self.inner_steps,
+            lr=lr,
+            create_graph=differentiable and not self.first_order,
+            differentiable=differentiable,
+            max_grad_norm=self.max_inner_grad_norm,
+            need_final_loss=need_final_loss,
+        )
+
+    def _loss(self, inputs: Tensor, output: Tensor) -> Tensor:
+        """Per-sequence Noether loss ``(batch,)`` of ``output = model(inputs)``."""
+        if not isinstance(output, Tensor):
+            raise TypeError(f"`model` must return a Tensor, got {type(output).__name__}.")
+        if output.dim() < 3 or output.dim() <= self.time_dim:
+            raise ValueError(
+                f"`model` output must have a time axis: (batch, T, *state) with time at "
+                f"`time_dim` (={self.time_dim}) and at least one state axis; got shape "
+                f"{tuple(output.shape)}. Wrap a one-step model in Rollout, or use shape "
+                "(batch, T, 1) for a scalar series."
+            )
+        predictions = output.movedim(self.time_dim, 1)
+        if self.inner_horizon is not None:
+            predictions = predictions[:, : self.inner_horizon]
+        if self.reference is not None:
+            x0 = self.reference(inputs)
+        elif inputs.dim() == output.dim():
+            x0 = inputs.movedim(self.time_dim, 1)
+        else:
+            x0 = inputs
+        try:
+            frames = as_reference_frames(x0, predictions, self.time_dim)
+        except ValueError as error:
+            raise ValueError(
+                f"`model` output and its reference disagree: {error} Pass `reference` "
+                "(inputs -> x0) when `inputs` is not the state itself."
+            ) from None
+        if frames.shape[1] < self.window:
+            raise ValueError(
+                f"the reference must provide at least `window` (={self.window}) frames, got "
+                f"{frames.shape[1]}; pass inputs with a time axis or a `reference`."
+            )
+        return per_sequence_noether_loss(
+            frames, predictions, self.embedding, self.loss_form, self.distance, self.window
+        )
+
+    def _check_no_batch_norm_training(self) -> None:
+        for owner, module in (("model", self.model), ("embedding", self.embedding)):
+            if not isinstance(module, nn.Module):
+                continue
+            for name, sub in module.named_modules():
+                if isinstance(sub, _BatchNorm) and sub.training:
+                    raise ValueError(
+                        f"`per_sample=True` cannot tailor `{owner}` with BatchNorm in training "
+                        f"mode ({name or owner}: {type(sub).__name__}): batch statistics couple "
+                        "the sequences of a batch, so no sequence can be tailored on its own. "
+                        "Call .eval() on that module to use running statistics, replace it with "
+                        "GroupNorm or LayerNorm, or pass per_sample=False."
+                    )
+
+
+def _select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``a`` where ``mask`` (``(batch,)``) is True, else ``b``."""
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def _check_module(name: str, value: object) -> None:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"`{name}` (type: {type(value).__name__}) is not an nn.Module.")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"`{name}` must be a {kind} int, got {value!r}.")

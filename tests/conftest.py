@@ -1,0 +1,39 @@
+"""Shared factories: small float64 models so that gradient checks are exact and fast."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from noether_wrap import NoetherWrapper, Rollout
+from noether_wrap.embeddings import MLPEmbedding
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+
+def make_step(dim: int = 2, hidden: int = 8, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A one-step MLP ``x_t -> x_{t+1}``."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, dim)).to(dtype)
+
+
+def make_net(
+    *,
+    dim: int = 2,
+    hidden: int = 8,
+    horizon: int = 4,
+    emb_hidden: int = 8,
+    inner_lr: float = 0.1,
+    dtype: torch.dtype = torch.float64,
+    **kwargs: Any,
+) -> NoetherWrapper:
+    """A NoetherWrapper over a Rollout of :func:`make_step` with an MLP embedding."""
+    model = Rollout(make_step(dim, hidden, dtype), horizon=horizon)
+    emb = MLPEmbedding(dim, out_features=2, hidden=emb_hidden, depth=1).to(dtype)
+    return NoetherWrapper(model, emb, inner_lr=inner_lr, **kwargs)

@@ -1,0 +1,66 @@
+"""A plain, per-sequence Python-loop reference of Noether tailoring, written independently of the
+library: explicit MLP algebra, explicit loss sums, one ``autograd.grad`` per sequence and step."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def mlp(params: list[Tensor], x: Tensor) -> Tensor:
+    """``x -> W2 tanh(W1 x + b1) + b2`` for one state ``x`` of shape ``(d,)``."""
+    w1, b1, w2, b2 = params
+    return w2 @ torch.tanh(w1 @ x + b1) + b2
+
+
+def rollout(params: list[Tensor], x0: Tensor, horizon: int) -> list[Tensor]:
+    states, x = [], x0
+    for _ in range(horizon):
+        x = mlp(params, x)
+        states.append(x)
+    return states
+
+
+def sequence_loss(emb: list[Tensor], x0: Tensor, states: list[Tensor], form: str) -> Tensor:
+    """``sum_t mean_j (g_j(a_t) - g_j(x_t))^2`` for one sequence."""
+    total = x0.new_zeros(())
+    previous = x0
+    for x in states:
+        anchor = x0 if form == "anchor" else previous
+        total = total + ((mlp(emb, anchor) - mlp(emb, x)) ** 2).mean()
+        previous = x
+    return total
+
+
+def tailor_reference(
+    model: list[Tensor],
+    emb: list[Tensor],
+    log_lr: Tensor,
+    x0: Tensor,
+    *,
+    horizon: int,
+    steps: int,
+    form: str = "anchor",
+    per_sample: bool = True,
+) -> Tensor:
+    """Tailored predictions ``(batch, horizon, d)``, differentiable in every argument."""
+    lr = log_lr.exp()
+    if per_sample:
+        outs = []
+        for b in range(x0.shape[0]):
+            params = list(model)
+            for _ in range(steps):
+                loss = sequence_loss(emb, x0[b], rollout(params, x0[b], horizon), form)
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                params = [p - lr * g for p, g in zip(params, grads)]
+            outs.append(torch.stack(rollout(params, x0[b], horizon)))
+        return torch.stack(outs)
+    params = list(model)
+    for _ in range(steps):
+        losses = [
+            sequence_loss(emb, x0[b], rollout(params, x0[b], horizon), form)
+            for b in range(x0.shape[0])
+        ]
+        grads = torch.autograd.grad(torch.stack(losses).mean(), params, create_graph=True)
+        params = [p - lr * g for p, g in zip(params, grads)]
+    return torch.stack([torch.stack(rollout(params, x0[b], horizon)) for b in range(x0.shape[0])])
