@@ -170,7 +170,10 @@ def tailor_shared(
             output = problem.rollout(current, inputs, args, kwargs)
             loss = problem.loss(inputs, output)
             grads = torch.autograd.grad(
-                loss.mean(), list(current.values()), create_graph=problem.create_graph
+                loss.mean(),
+                list(current.values()),
+                create_graph=problem.create_graph,
+                retain_graph=problem.differentiable,
             )
         return dict(zip(current, grads)), output, loss
 

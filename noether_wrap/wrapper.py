@@ -6,13 +6,13 @@ import fnmatch
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from noether_wrap import _func
+from noether_wrap import _func, _lowrank
 from noether_wrap.loss import (
     DISTANCES,
     LOSS_FORMS,
@@ -25,6 +25,8 @@ from noether_wrap.loss import (
 
 #: ``adapt``: None (all trainable parameters), a glob on parameter names, or a predicate.
 AdaptSpec = Union[None, str, Callable[[str, nn.Parameter], bool]]
+PerSamplePath = Literal["auto", "lowrank", "vmap"]
+PER_SAMPLE_PATHS: tuple[str, ...] = ("auto", "lowrank", "vmap")
 
 _NONFINITE_WARNING = (
     "NoetherWrapper: an inner step produced non-finite values for {count} of {batch} "
@@ -87,6 +89,12 @@ class NoetherWrapper(nn.Module):
             returns, when that is not the rollout the loss is computed on. Example: tailor a
             vector field on its one-step RK4 rollout but return the field itself,
             ``predict=lambda m, x: m.step(x)``.
+        per_sample_path: how ``per_sample`` tailoring is computed. ``"lowrank"``: the exact
+            recorded-terms path for ``nn.Linear`` layers (no per-sample weight copies; needs every
+            adapted parameter to belong to an ``nn.Linear`` that sees the batch at dim 0, and a
+            model that treats sequences independently); ``"vmap"``: ``vmap`` over ``grad``, for
+            any model; ``"auto"`` (default): ``"lowrank"`` where it applies, else ``"vmap"``.
+            ``last_path`` tells which one ran.
 
     Shapes:
         ``forward(inputs, *args, return_info=False, **kwargs)``: the prediction has the shape of
@@ -124,6 +132,7 @@ class NoetherWrapper(nn.Module):
         keep_if_better: bool = False,
         max_inner_grad_norm: float | None = None,
         predict: Callable[..., Tensor] | None = None,
+        per_sample_path: PerSamplePath = "auto",
     ) -> None:
         super().__init__()
         _check_module("model", model)
@@ -139,6 +148,7 @@ class NoetherWrapper(nn.Module):
             raise ValueError(f"`inner_lr` must be a positive finite float, got {inner_lr!r}.")
         check_choice("loss_form", loss_form, LOSS_FORMS)
         check_choice("distance", distance, DISTANCES)
+        check_choice("per_sample_path", per_sample_path, PER_SAMPLE_PATHS)
         _check_int("window", window, minimum=1)
         _check_int("time_dim", time_dim, minimum=1)
         if inner_horizon is not None:
@@ -173,6 +183,10 @@ class NoetherWrapper(nn.Module):
         self.keep_if_better = bool(keep_if_better)
         self.max_inner_grad_norm = None if max_inner_grad_norm is None else float(max_inner_grad_norm)
         self.predict = predict
+        self.per_sample_path = per_sample_path
+        #: Which path the last tailoring call took: "shared", "lowrank", "vmap" or None.
+        self.last_path: str | None = None
+        self._lowrank_unsupported = False
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
         log_lr = torch.tensor(
             math.log(inner_lr),
@@ -272,9 +286,19 @@ class NoetherWrapper(nn.Module):
         problem = self._problem(need_final_loss=return_info or self.keep_if_better)
         selected = set(self.adapted_names())
         params = {n: p for n, p in self.model.named_parameters() if n in selected}
-        run = _func.tailor_per_sample if self.per_sample else _func.tailor_shared
+        run = self._choose_path(list(params))
         try:
-            result = run(problem, params, inputs, args, kwargs)
+            try:
+                result = run(problem, params, inputs, args, kwargs)
+            except _lowrank.Unsupported as why:
+                if self.per_sample_path == "lowrank":
+                    raise ValueError(
+                        f"`per_sample_path='lowrank'` cannot tailor this model: {why}. Use "
+                        "per_sample_path='auto' or 'vmap'."
+                    ) from None
+                self._lowrank_unsupported = True
+                run = self._choose_path(list(params))
+                result = run(problem, params, inputs, args, kwargs)
             if not bool(result.ok.all()):
                 result = self._recover(problem, run, params, inputs, args, kwargs, result)
         except RuntimeError as error:
@@ -289,6 +313,34 @@ class NoetherWrapper(nn.Module):
         if return_info:
             return TailorOutput(prediction, result.initial, result.losses)
         return prediction
+
+    def _choose_path(self, names: list[str]) -> Callable[..., _func.InnerResult]:
+        """The inner-loop runner for this call; records its name in ``last_path``."""
+        if not self.per_sample:
+            self.last_path = "shared"
+            return _func.tailor_shared
+        if self.per_sample_path != "vmap" and not self._lowrank_unsupported:
+            layers = _lowrank.supported_layers(self.model, names)
+            if layers is not None:
+                self.last_path = "lowrank"
+
+                def lowrank(
+                    problem: _func.InnerProblem,
+                    params: dict[str, Tensor],
+                    inputs: Tensor,
+                    args: tuple[Any, ...],
+                    kwargs: dict[str, Any],
+                ) -> _func.InnerResult:
+                    return _lowrank.tailor_lowrank(problem, layers, inputs, args, kwargs)
+
+                return lowrank
+            if self.per_sample_path == "lowrank":
+                raise ValueError(
+                    "`per_sample_path='lowrank'` needs every adapted parameter to belong to an "
+                    "nn.Linear; use `adapt` to select only those, or per_sample_path='auto'."
+                )
+        self.last_path = "vmap"
+        return _func.tailor_per_sample
 
     def _recover(
         self,

@@ -69,11 +69,14 @@ def test_rule2_forward_never_changes_model_state(train: bool, per_sample: bool) 
 @given(
     batch=st.integers(min_value=1, max_value=7),
     seed=st.integers(min_value=0, max_value=2**16),
+    path=st.sampled_from(["lowrank", "vmap"]),
     data=st.data(),
 )
-def test_rule3_per_sample_is_batch_invariant(batch: int, seed: int, data: st.DataObject) -> None:
+def test_rule3_per_sample_is_batch_invariant(
+    batch: int, seed: int, path: str, data: st.DataObject
+) -> None:
     torch.manual_seed(seed)
-    net = make_net(inner_steps=2, per_sample=True, loss_form="chain")
+    net = make_net(inner_steps=2, per_sample=True, loss_form="chain", per_sample_path=path)
     x = torch.randn(batch, 2, dtype=torch.float64)
     full = net(x)
     perm = torch.tensor(data.draw(st.permutations(list(range(batch)))))
@@ -99,11 +102,14 @@ def _functional(net: NoetherWrapper, names: list[str]):  # type: ignore[no-untyp
     return f
 
 
+PATHS = [(True, "lowrank"), (True, "vmap"), (False, "auto")]
+
+
 @pytest.mark.parametrize("steps", [0, 1, 3])
-@pytest.mark.parametrize("per_sample", [True, False])
-def test_rule4_gradcheck(steps: int, per_sample: bool) -> None:
+@pytest.mark.parametrize(("per_sample", "path"), PATHS)
+def test_rule4_gradcheck(steps: int, per_sample: bool, path: str) -> None:
     net = make_net(hidden=3, emb_hidden=3, horizon=3, inner_steps=steps, per_sample=per_sample,
-                   inner_lr=0.3)
+                   inner_lr=0.3, per_sample_path=path)
     names = [n for n, _ in net.named_parameters()]
     values = [p.detach().clone().requires_grad_() for _, p in net.named_parameters()]
     x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
@@ -111,11 +117,11 @@ def test_rule4_gradcheck(steps: int, per_sample: bool) -> None:
 
 
 @pytest.mark.parametrize("form", ["anchor", "chain"])
-@pytest.mark.parametrize("per_sample", [True, False])
-def test_rule4_matches_plain_loop_reference(form: str, per_sample: bool) -> None:
+@pytest.mark.parametrize(("per_sample", "path"), PATHS)
+def test_rule4_matches_plain_loop_reference(form: str, per_sample: bool, path: str) -> None:
     horizon, steps = 4, 3
     net = make_net(horizon=horizon, inner_steps=steps, per_sample=per_sample, loss_form=form,
-                   inner_lr=0.2)
+                   inner_lr=0.2, per_sample_path=path)
     x = torch.randn(5, 2, dtype=torch.float64)
     step, emb = net.model.step, net.embedding.net
     model_params = [step[0].weight, step[0].bias, step[2].weight, step[2].bias]
@@ -123,6 +129,7 @@ def test_rule4_matches_plain_loop_reference(form: str, per_sample: bool) -> None
     target = torch.randn(5, horizon, 2, dtype=torch.float64)
 
     ours = net(x)
+    assert net.last_path == (path if per_sample else "shared")
     ref = tailor_reference(model_params, emb_params, net.log_inner_lr, x, horizon=horizon,
                            steps=steps, form=form, per_sample=per_sample)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
@@ -163,10 +170,10 @@ def test_rule5_an_optimizer_trains_all_three() -> None:
 
 # Rule 6 ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize(("per_sample", "path"), PATHS)
 @pytest.mark.parametrize("mode", ["eval", "no_grad", "inference_mode"])
-def test_rule6_tailoring_in_eval_no_grad_inference(per_sample: bool, mode: str) -> None:
-    net = make_net(inner_steps=2, per_sample=per_sample, inner_lr=0.3)
+def test_rule6_tailoring_in_eval_no_grad_inference(per_sample: bool, path: str, mode: str) -> None:
+    net = make_net(inner_steps=2, per_sample=per_sample, inner_lr=0.3, per_sample_path=path)
     x = torch.randn(3, 2, dtype=torch.float64)
     expected = net(x).detach()
     untailored = net.model(x).detach()
@@ -274,7 +281,8 @@ def test_rule9_batch_norm_in_training_mode(per_sample: bool) -> None:
     net(x)
 
 
-def test_rule9_non_finite_inner_step_keeps_untailored_prediction() -> None:
+@pytest.mark.parametrize("path", ["lowrank", "vmap"])
+def test_rule9_non_finite_inner_step_keeps_untailored_prediction(path: str) -> None:
     torch.manual_seed(1)
     model = Rollout(nn.Linear(2, 2), horizon=3)
     with torch.no_grad():
@@ -283,7 +291,7 @@ def test_rule9_non_finite_inner_step_keeps_untailored_prediction() -> None:
     def explosive(s: torch.Tensor) -> torch.Tensor:
         return torch.exp(s.sum(-1))  # overflows float32 for large states only
 
-    net = NoetherWrapper(model, explosive, inner_steps=2, inner_lr=1e-3)
+    net = NoetherWrapper(model, explosive, inner_steps=2, inner_lr=1e-3, per_sample_path=path)
     x = torch.tensor([[0.1, 0.2], [60.0, 60.0], [-0.3, 0.1]])
     before = _snapshot(net)
     with pytest.warns(RuntimeWarning, match="non-finite"):

@@ -1,0 +1,154 @@
+"""The per-sample paths agree: low-rank recorded terms (``nn.Linear``) and ``vmap`` over ``grad``,
+outputs and outer gradients, in float64."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_net
+from noether_wrap import NoetherWrapper, Rollout
+from noether_wrap.embeddings import MLPEmbedding
+
+
+def _pair(**kwargs: Any) -> tuple[NoetherWrapper, NoetherWrapper]:
+    torch.manual_seed(7)
+    fast = make_net(per_sample_path="lowrank", **kwargs)
+    slow = make_net(per_sample_path="vmap", **kwargs)
+    slow.load_state_dict(fast.state_dict())
+    return fast, slow
+
+
+def _assert_agree(fast: NoetherWrapper, slow: NoetherWrapper, x: torch.Tensor) -> None:
+    target = torch.randn_like(fast(x))
+    outs, grads = [], []
+    for net in (fast, slow):
+        out = net(x, return_info=True)
+        loss = ((out.prediction - target) ** 2).mean() + out.noether_losses.mean()
+        params = [p for p in net.parameters() if p.requires_grad]
+        outs.append(out)
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    assert fast.last_path == "lowrank" and slow.last_path == "vmap"
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads[0], grads[1]):
+        if a is None or b is None:
+            assert a is None and b is None or float((a if a is not None else b).abs().max()) == 0
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("form", ["anchor", "chain"])
+@pytest.mark.parametrize("hidden", [3, 32])  # thin layers go dense, wide ones recorded
+def test_paths_agree_on_mlps(steps: int, form: str, hidden: int) -> None:
+    fast, slow = _pair(hidden=hidden, inner_steps=steps, loss_form=form, inner_lr=0.1)
+    _assert_agree(fast, slow, torch.randn(5, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("adapt", ["step.2.*", "*.bias", "*.weight", "step.0.weight"])
+def test_paths_agree_with_adapt_subsets(adapt: str) -> None:
+    fast, slow = _pair(hidden=16, inner_steps=2, adapt=adapt, inner_lr=0.2)
+    _assert_agree(fast, slow, torch.randn(4, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("extra", [
+    {"max_inner_grad_norm": 0.05},
+    {"keep_if_better": True, "inner_lr": 5.0},
+    {"distance": "cosine"},
+    {"inner_horizon": 2},
+])
+def test_paths_agree_with_options(extra: dict[str, Any]) -> None:
+    kwargs: dict[str, Any] = {"hidden": 16, "inner_steps": 2, "inner_lr": 0.2, **extra}
+    fast, slow = _pair(**kwargs)
+    _assert_agree(fast, slow, torch.randn(6, 2, dtype=torch.float64))
+
+
+def test_paths_agree_first_order() -> None:
+    with pytest.warns(UserWarning):
+        fast, slow = _pair(hidden=16, inner_steps=3, first_order=True)
+    _assert_agree(fast, slow, torch.randn(4, 2, dtype=torch.float64))
+
+
+class ConvStep(nn.Module):
+    """A conv model whose head is ``nn.Linear`` applied position-wise (channels last)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3, padding=1, padding_mode="circular")
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, L) -> (batch, L)
+        h = torch.tanh(self.conv(x.unsqueeze(1))).transpose(1, 2)  # (batch, L, 4)
+        return x + 0.1 * self.head(h).squeeze(-1)
+
+
+def _conv_pair(adapt: str | None) -> tuple[NoetherWrapper, NoetherWrapper]:
+    torch.manual_seed(3)
+    model = Rollout(ConvStep().double(), horizon=3)
+    emb = MLPEmbedding(6, hidden=8).double()
+    fast = NoetherWrapper(model, emb, inner_steps=2, inner_lr=0.3, adapt=adapt)
+    slow = NoetherWrapper(model, emb, inner_steps=2, inner_lr=0.3, adapt=adapt,
+                          per_sample_path="vmap")
+    return fast, slow
+
+
+def test_paths_agree_on_a_conv_model_with_linear_head_adapted() -> None:
+    fast, slow = _conv_pair("step.head.*")
+    _assert_agree(fast, slow, torch.randn(4, 6, dtype=torch.float64))
+
+
+def test_auto_uses_vmap_when_a_conv_is_adapted() -> None:
+    net, ref = _conv_pair(None)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    out = net(x)
+    assert net.last_path == "vmap"
+    with pytest.raises(ValueError, match="`per_sample_path='lowrank'`"):
+        NoetherWrapper(net.model, net.embedding, per_sample_path="lowrank")(x)
+    torch.testing.assert_close(out, ref(x))
+
+
+class FoldsTime(nn.Module):
+    """Feeds its Linear a (batch * 2, d) tensor: the batch is not at dim 0 alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pair = torch.stack([x, -x], dim=1).reshape(-1, 2)
+        return self.lin(pair).reshape(x.shape[0], 2, 2).sum(1)
+
+
+def test_auto_falls_back_to_vmap_when_a_layer_sees_a_folded_batch() -> None:
+    model = Rollout(FoldsTime().double(), horizon=2)
+    emb = MLPEmbedding(2).double()
+    auto = NoetherWrapper(model, emb, inner_lr=0.2)
+    slow = NoetherWrapper(model, emb, inner_lr=0.2, per_sample_path="vmap")
+    x = torch.randn(3, 2, dtype=torch.float64)
+    torch.testing.assert_close(auto(x), slow(x))
+    assert auto.last_path == "vmap"
+    with pytest.raises(ValueError, match="first dim is not the batch"):
+        NoetherWrapper(model, emb, per_sample_path="lowrank")(x)
+
+
+def test_paths_agree_with_predict() -> None:
+    torch.manual_seed(2)
+    field = nn.Sequential(nn.Linear(2, 24), nn.Tanh(), nn.Linear(24, 2)).double()
+    model = Rollout(field, horizon=1, dt=0.1, method="rk4")
+    emb = MLPEmbedding(2).double()
+    kwargs: dict[str, Any] = {"inner_lr": 0.3, "predict": lambda m, x: m.step(x)}
+    fast = NoetherWrapper(model, emb, per_sample_path="lowrank", **kwargs)
+    slow = NoetherWrapper(model, emb, per_sample_path="vmap", **kwargs)
+    _assert_agree(fast, slow, torch.randn(7, 2, dtype=torch.float64))
+
+
+def test_shared_first_order_info_is_differentiable() -> None:
+    with pytest.warns(UserWarning):
+        net = make_net(inner_steps=2, first_order=True, per_sample=False)
+    info = net(torch.randn(3, 2, dtype=torch.float64), return_info=True)
+    (info.prediction.sum() + info.noether_losses.sum() + info.initial_prediction.sum()).backward()
+    assert net.log_inner_lr.grad is not None
