@@ -74,12 +74,21 @@ class InnerProblem:
 
 class InnerResult(NamedTuple):
     """``prediction`` and ``initial``: like the model's; ``losses``: ``(batch, k or k + 1)``;
-    ``ok``: ``(batch,)`` bool, False where an inner step produced a non-finite value."""
+    ``ok``: ``(batch,)`` bool, False where an inner step produced a non-finite value;
+    ``params``: the adapted parameters where the path materialises them (leading batch dim when
+    per sample), else None."""
 
     prediction: Tensor
     initial: Tensor
     losses: Tensor
     ok: Tensor
+    params: Params | None = None
+
+    def detached(self) -> InnerResult:
+        """The same result with every tensor cut from the graph."""
+        params = None if self.params is None else {n: p.detach() for n, p in self.params.items()}
+        return InnerResult(self.prediction.detach(), self.initial.detach(), self.losses.detach(),
+                           self.ok, params)
 
 
 #: ``params -> (inner gradients, model output, per-sequence losses)``.
@@ -142,7 +151,7 @@ def inner_loop(
         losses.append(problem.loss(inputs, final_output))
         ok = ok & torch.isfinite(losses[-1]).all()
     ok = ok & torch.isfinite(prediction).all()
-    return InnerResult(prediction, initial, torch.stack(losses, dim=-1), ok)
+    return InnerResult(prediction, initial, torch.stack(losses, dim=-1), ok, params)
 
 
 def _keep_graph(params: Params) -> Params:
@@ -185,7 +194,7 @@ def tailor_shared(
         params = _cut_graph(params)
     result = inner_loop(problem, params, inputs, args, kwargs, gradient, fresh)
     if not problem.differentiable:
-        result = InnerResult(*(t.detach() for t in result))
+        result = result.detached()
     return result._replace(ok=result.ok.expand(inputs.shape[0]))
 
 
@@ -238,11 +247,13 @@ def tailor_per_sample(
             return grads, output, loss
 
         result = inner_loop(problem, start, x, a, kw, gradient, _keep_graph)
+        assert result.params is not None
         return InnerResult(
             result.prediction.squeeze(0),
             result.initial.squeeze(0),
             result.losses.squeeze(0),
             result.ok,
+            result.params,
         )
 
     mapped = vmap(one, in_dims=(0, arg_dims, kw_dims), randomness="different")

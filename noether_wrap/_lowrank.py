@@ -197,7 +197,7 @@ def tailor_lowrank(
     ok = ok & torch.isfinite(prediction).flatten(1).all(1)
     result = InnerResult(prediction, initial, torch.stack(losses, dim=-1), ok)
     if not problem.differentiable:
-        result = InnerResult(*(t.detach() for t in result))
+        result = result.detached()
     return result
 
 

@@ -256,12 +256,7 @@ class NoetherWrapper(nn.Module):
             The tailored prediction, shaped like ``model(inputs, *args, **kwargs)``; or a
             :class:`TailorOutput` when ``return_info`` is True.
         """
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"`inputs` must be a Tensor, got {type(inputs).__name__}.")
-        if inputs.dim() < 1 or inputs.shape[0] == 0:
-            raise ValueError(
-                f"`inputs` must have a non-empty batch axis first; got shape {tuple(inputs.shape)}."
-            )
+        self._check_inputs(inputs)
         if self.inner_steps == 0:
             if self.predict is not None:
                 out = self.predict(self.model, inputs, *args, **kwargs)
@@ -271,19 +266,41 @@ class NoetherWrapper(nn.Module):
                 return out
             rollout = out if self.predict is None else self.model(inputs, *args, **kwargs)
             return TailorOutput(out, out, self._loss(inputs, rollout).unsqueeze(1))
+        result = self._run(inputs, args, kwargs, need_final_loss=return_info or self.keep_if_better)
+        prediction = result.prediction
+        if self.keep_if_better:
+            better = result.losses[:, -1] < result.losses[:, 0]
+            prediction = _select(better, prediction, result.initial)
+        if return_info:
+            return TailorOutput(prediction, result.initial, result.losses)
+        return prediction
+
+    @staticmethod
+    def _check_inputs(inputs: object) -> None:
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"`inputs` must be a Tensor, got {type(inputs).__name__}.")
+        if inputs.dim() < 1 or inputs.shape[0] == 0:
+            raise ValueError(
+                f"`inputs` must have a non-empty batch axis first; got shape {tuple(inputs.shape)}."
+            )
+
+    def _run(
+        self, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], need_final_loss: bool
+    ) -> _func.InnerResult:
+        """Run the inner loop on the path that applies, outside inference mode."""
         if self.per_sample:
             self._check_no_batch_norm_training()
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
                 args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
                 kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-                return self._tailor(inputs.clone(), args, kwargs, return_info)
-        return self._tailor(inputs, args, kwargs, return_info)
+                return self._run_paths(inputs.clone(), args, kwargs, need_final_loss)
+        return self._run_paths(inputs, args, kwargs, need_final_loss)
 
-    def _tailor(
-        self, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], return_info: bool
-    ) -> Tensor | TailorOutput:
-        problem = self._problem(need_final_loss=return_info or self.keep_if_better)
+    def _run_paths(
+        self, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], need_final_loss: bool
+    ) -> _func.InnerResult:
+        problem = self._problem(need_final_loss)
         selected = set(self.adapted_names())
         params = {n: p for n, p in self.model.named_parameters() if n in selected}
         run = self._choose_path(list(params))
@@ -306,13 +323,78 @@ class NoetherWrapper(nn.Module):
                 f"NoetherWrapper: tailoring failed at inner step {problem.step_index} of "
                 f"inner_steps={self.inner_steps} for inputs of shape {tuple(inputs.shape)}: {error}"
             ) from error
-        prediction = result.prediction
-        if self.keep_if_better:
-            better = result.losses[:, -1] < result.losses[:, 0]
-            prediction = _select(better, prediction, result.initial)
-        if return_info:
-            return TailorOutput(prediction, result.initial, result.losses)
-        return prediction
+        return result
+
+    def tailor(self, inputs: Tensor, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """The adapted parameters for ``inputs``, to inspect or to keep.
+
+        Runs the same inner steps as ``forward`` on the ``vmap`` (per-sample) or shared path, which
+        materialise the weights.
+
+        Args:
+            inputs, *args, **kwargs: as for ``forward``.
+
+        Returns:
+            ``{name: tensor}`` for every adapted parameter of ``model``: shaped ``(batch,
+            *param.shape)`` with ``per_sample=True``, else ``param.shape``. Differentiable when
+            autograd is on.
+
+        Example:
+            >>> import torch
+            >>> from noether_wrap import NoetherWrapper, Rollout
+            >>> net = NoetherWrapper(Rollout(torch.nn.Linear(2, 2), 5), lambda s: s.pow(2).sum(-1))
+            >>> {k: tuple(v.shape) for k, v in net.tailor(torch.randn(3, 2)).items()}
+            {'step.weight': (3, 2, 2), 'step.bias': (3, 2)}
+        """
+        if self.inner_steps == 0:
+            own = dict(self.model.named_parameters())
+            base = {n: own[n] for n in self.adapted_names()}
+            if not self.per_sample:
+                return base
+            return {n: p.expand(inputs.shape[0], *p.shape) for n, p in base.items()}
+        saved = self.per_sample_path
+        self.per_sample_path = "vmap"
+        try:
+            self._check_inputs(inputs)
+            result = self._run(inputs, args, kwargs, need_final_loss=False)
+        finally:
+            self.per_sample_path = saved
+        assert result.params is not None
+        return result.params
+
+    def tailored_model(
+        self, inputs: Tensor, *args: Any, index: int | None = None, **kwargs: Any
+    ) -> nn.Module:
+        """A plain copy of ``model`` carrying the adapted weights, e.g. for deployment.
+
+        Args:
+            inputs, *args, **kwargs: as for ``forward``.
+            index: with ``per_sample=True``, which sequence's weights to take (required unless
+                the batch has one sequence).
+
+        Returns:
+            A deep copy of ``model`` (detached from the graph) whose adapted parameters are the
+            tailored ones; ``tailored_model(x[i:i+1])(x[i:i+1])`` equals ``net(x[i:i+1])``.
+        """
+        params = self.tailor(inputs, *args, **kwargs)
+        if self.per_sample:
+            batch = inputs.shape[0]
+            if index is None and batch != 1:
+                raise ValueError(
+                    f"`index` is required with per_sample=True and a batch of {batch}: every "
+                    "sequence has its own weights."
+                )
+            i = 0 if index is None else index
+            if not -batch <= i < batch:
+                raise ValueError(f"`index` must be in [{-batch}, {batch}), got {index}.")
+            params = {n: p[i] for n, p in params.items()}
+        import copy
+
+        model = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name, value in params.items():
+                model.get_parameter(name).copy_(value)
+        return model
 
     def _choose_path(self, names: list[str]) -> Callable[..., _func.InnerResult]:
         """The inner-loop runner for this call; records its name in ``last_path``."""
@@ -368,7 +450,8 @@ class NoetherWrapper(nn.Module):
         if not problem.differentiable:
             initial = initial.detach()
         if not self.per_sample or not bool(ok.any()):
-            return _func.InnerResult(initial, initial, result.losses.detach(), ok)
+            untouched = None if result.params is None else params
+            return _func.InnerResult(initial, initial, result.losses.detach(), ok, untouched)
         keep = ok.nonzero().squeeze(1)
         dims_a = _func.batched_dims(args, batch)
         sub_args = tuple(a[keep] if d == 0 else a for a, d in zip(args, dims_a))
@@ -380,7 +463,13 @@ class NoetherWrapper(nn.Module):
         sub = run(problem, params, inputs[keep], sub_args, sub_kwargs)
         prediction = initial.index_copy(0, keep, sub.prediction)
         losses = result.losses.detach().index_copy(0, keep, sub.losses.detach())
-        return _func.InnerResult(prediction, initial, losses, ok)
+        adapted = None
+        if sub.params is not None:
+            adapted = {
+                n: p.expand(batch, *p.shape).index_copy(0, keep, sub.params[n])
+                for n, p in params.items()
+            }
+        return _func.InnerResult(prediction, initial, losses, ok, adapted)
 
     def _problem(self, need_final_loss: bool) -> _func.InnerProblem:
         differentiable = torch.is_grad_enabled()

@@ -30,7 +30,7 @@ def test_rule8_ddp_matches_one_process(tmp_path: Path) -> None:
            "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
            str(EXAMPLE), "--steps", str(steps), "--batch", str(batch), "--save", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-6000:])
     ddp_state = torch.load(out, weights_only=True)
 
     example = _load_example()

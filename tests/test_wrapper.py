@@ -240,3 +240,37 @@ def test_inner_lr_property_and_repr() -> None:
     net = make_net(inner_lr=0.25)
     assert net.inner_lr == pytest.approx(0.25)
     assert "inner_steps=1" in repr(net)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_tailor_returns_the_adapted_weights(per_sample: bool) -> None:
+    net = make_net(inner_steps=2, inner_lr=0.2, per_sample=per_sample)
+    x = _x(3)
+    params = net.tailor(x)
+    assert set(params) == set(net.adapted_names())
+    for name, p in net.model.named_parameters():
+        expected = (3, *p.shape) if per_sample else tuple(p.shape)
+        assert params[name].shape == expected
+    if per_sample:
+        for b in range(3):
+            own = {n: v[b] for n, v in params.items()}
+            out = torch.func.functional_call(net.model, own, (x[b : b + 1],))
+            torch.testing.assert_close(out, net(x)[b : b + 1])
+    else:
+        torch.testing.assert_close(torch.func.functional_call(net.model, params, (x,)), net(x))
+
+
+def test_tailored_model_is_a_plain_copy_with_adapted_weights() -> None:
+    net = make_net(inner_steps=2, inner_lr=0.2)
+    x = _x(3)
+    plain = net.tailored_model(x, index=1)
+    torch.testing.assert_close(plain(x[1:2]), net(x[1:2]))
+    assert plain is not net.model and not torch.equal(plain.step[0].weight, net.model.step[0].weight)
+    one = net.tailored_model(x[:1])
+    torch.testing.assert_close(one(x[:1]), net(x[:1]))
+    with pytest.raises(ValueError, match="`index`"):
+        net.tailored_model(x)
+    with pytest.raises(ValueError, match="`index`"):
+        net.tailored_model(x, index=3)
+    zero = make_net(inner_steps=0)
+    assert zero.tailor(x)["step.0.weight"].shape == (3, 8, 2)
