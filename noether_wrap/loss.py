@@ -96,6 +96,7 @@ def per_sequence_noether_loss(
     """
     frames = torch.cat([reference[:, reference.shape[1] - window :], predictions], dim=1)
     codes = embed(embedding, stack_windows(frames, window))  # (batch, T + 1, m)
+    codes = codes.to(torch.promote_types(codes.dtype, torch.float32))  # bf16/fp16 under autocast
     later = codes[:, 1:]
     if loss_form == "anchor":
         earlier = codes[:, :1].expand_as(later)

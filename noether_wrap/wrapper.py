@@ -168,6 +168,17 @@ class NoetherWrapper(nn.Module):
                 f"got {type(adapt).__name__}."
             )
 
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            warnings.warn(
+                "NoetherWrapper: `model` is a torch.compile'd module, whose compiled code does not "
+                "see the swapped-in adapted weights; the wrapper tailors the original module "
+                "(`model._orig_mod`) instead. To compile, compile the wrapper: "
+                "torch.compile(NoetherWrapper(model, ...)).",
+                stacklevel=2,
+            )
+            model = model._orig_mod  # type: ignore[assignment]
         self.model = model
         self.embedding = embedding
         self.inner_steps = inner_steps
@@ -401,6 +412,14 @@ class NoetherWrapper(nn.Module):
         if not self.per_sample:
             self.last_path = "shared"
             return _func.tailor_shared
+        if torch.compiler.is_compiling():
+            if self.per_sample_path == "lowrank":
+                raise ValueError(
+                    "`per_sample_path='lowrank'` does not work inside torch.compile (its forward "
+                    "hooks are not traced); use per_sample_path='auto' or 'vmap' when compiling."
+                )
+            self.last_path = "vmap"
+            return _func.tailor_per_sample
         if self.per_sample_path != "vmap" and not self._lowrank_unsupported:
             layers = _lowrank.supported_layers(self.model, names)
             if layers is not None:
