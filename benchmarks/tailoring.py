@@ -47,10 +47,19 @@ HAS = {name: importlib.util.find_spec(name) is not None for name in ("higher", "
 
 def build(hidden: int, batch: int, seed: int = 0) -> tuple[Rollout, nn.Module, Tensor, Tensor]:
     torch.manual_seed(seed)
-    step = nn.Sequential(nn.Linear(STATE, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
-                         nn.Linear(hidden, STATE))
-    return (Rollout(step, HORIZON), MLPEmbedding(STATE, 4, hidden=32), torch.randn(batch, STATE),
-            torch.randn(batch, HORIZON, STATE))
+    step = nn.Sequential(
+        nn.Linear(STATE, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, STATE),
+    )
+    return (
+        Rollout(step, HORIZON),
+        MLPEmbedding(STATE, 4, hidden=32),
+        torch.randn(batch, STATE),
+        torch.randn(batch, HORIZON, STATE),
+    )
 
 
 def hand_tailor(model: nn.Module, emb: nn.Module, x0: Tensor, k: int, train: bool) -> Tensor:
@@ -71,9 +80,13 @@ def higher_tailor(model: nn.Module, emb: nn.Module, x0: Tensor, k: int, train: b
     import higher
 
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    with torch.enable_grad(), higher.innerloop_ctx(
-        model, opt, copy_initial_weights=False, track_higher_grads=train
-    ) as (fmodel, diffopt):
+    with (
+        torch.enable_grad(),
+        higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=train) as (
+            fmodel,
+            diffopt,
+        ),
+    ):
         for _ in range(k):
             diffopt.step(noether_loss(x0, fmodel(x0), emb))
         if train:
@@ -91,8 +104,9 @@ def torchopt_tailor(model: nn.Module, emb: nn.Module, x0: Tensor, k: int, train:
     for _ in range(k):
         with torch.enable_grad():
             loss = noether_loss(x0, functional_call(model, params, (x0,)), emb)
-            grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()),
-                                                         create_graph=train)))
+            grads = dict(
+                zip(params, torch.autograd.grad(loss, list(params.values()), create_graph=train))
+            )
         updates, state = optimizer.update(grads, state, inplace=False)
         params = torchopt.apply_updates(params, updates, inplace=False)
         if not train:
@@ -104,8 +118,9 @@ def torchopt_tailor(model: nn.Module, emb: nn.Module, x0: Tensor, k: int, train:
 def methods(model: Rollout, emb: nn.Module, k: int) -> dict[str, Callable[[Tensor, bool], Tensor]]:
     nets = {
         "shared": NoetherWrapper(model, emb, inner_steps=k, inner_lr=LR, per_sample=False),
-        "lowrank": NoetherWrapper(model, emb, inner_steps=k, inner_lr=LR,
-                                  per_sample_path="lowrank"),
+        "lowrank": NoetherWrapper(
+            model, emb, inner_steps=k, inner_lr=LR, per_sample_path="lowrank"
+        ),
         "vmap": NoetherWrapper(model, emb, inner_steps=k, inner_lr=LR, per_sample_path="vmap"),
     }
     table: dict[str, Callable[[Tensor, bool], Tensor]] = {
@@ -121,8 +136,13 @@ def methods(model: Rollout, emb: nn.Module, k: int) -> dict[str, Callable[[Tenso
     return table
 
 
-def run_once(fn: Callable[[Tensor, bool], Tensor], x: Tensor, target: Tensor, train: bool,
-             params: list[nn.Parameter]) -> float:
+def run_once(
+    fn: Callable[[Tensor, bool], Tensor],
+    x: Tensor,
+    target: Tensor,
+    train: bool,
+    params: list[nn.Parameter],
+) -> float:
     start = time.perf_counter()
     if train:
         loss = ((fn(x, True) - target) ** 2).mean()
@@ -135,13 +155,14 @@ def run_once(fn: Callable[[Tensor, bool], Tensor], x: Tensor, target: Tensor, tr
     return time.perf_counter() - start
 
 
-def time_cell(hidden: int, batch: int, k: int, train: bool, reps: int,
-              skip: set[str]) -> dict[str, list[float]]:
+def time_cell(
+    hidden: int, batch: int, k: int, train: bool, reps: int, skip: set[str]
+) -> dict[str, list[float]]:
     model, emb, x, target = build(hidden, batch)
     table = {n: f for n, f in methods(model, emb, k).items() if n not in skip}
     params = [*model.parameters(), *emb.parameters()]
     times: dict[str, list[float]] = {n: [] for n in table}
-    for name, fn in table.items():  # warm-up
+    for fn in table.values():  # warm-up
         run_once(fn, x, target, train, params)
     for _ in range(reps):
         for name, fn in table.items():
@@ -154,10 +175,20 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def peak_memory_mb(method: str, hidden: int, batch: int, k: int, first_order: bool = False) -> float:
+def peak_memory_mb(
+    method: str, hidden: int, batch: int, k: int, first_order: bool = False
+) -> float:
     """Resident-set high-water-mark increase of one train step, in a fresh process."""
-    cmd = [sys.executable, __file__, "--memory-child", method, str(hidden), str(batch), str(k),
-           str(int(first_order))]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        method,
+        str(hidden),
+        str(batch),
+        str(k),
+        str(int(first_order)),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -166,8 +197,9 @@ def memory_child(method: str, hidden: int, batch: int, k: int, first_order: bool
     torch.set_num_threads(1)
     model, emb, x, target = build(hidden, batch)
     if first_order:
-        fn = NoetherWrapper(model, emb, inner_steps=k, inner_lr=LR, per_sample=False,
-                            first_order=True)
+        fn = NoetherWrapper(
+            model, emb, inner_steps=k, inner_lr=LR, per_sample=False, first_order=True
+        )
         call: Callable[[Tensor, bool], Tensor] = lambda x, train: fn(x)  # noqa: E731
     else:
         call = methods(model, emb, k)[method]
@@ -194,28 +226,36 @@ def main() -> None:
         return
     warnings_off()
     torch.set_num_threads(args.threads)
-    grid = ([(32, 8, 1)] if args.quick else
-            list(itertools.product((128, 512), (16, 256), (1, 3))))
+    grid = [(32, 8, 1)] if args.quick else list(itertools.product((128, 512), (16, 256), (1, 3)))
     reps = args.reps or (2 if args.quick else 7)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s), {reps} interleaved repetitions; ratios = median / hand")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} thread(s), {reps} interleaved repetitions; ratios = median / hand"
+    )
     results: list[dict[str, object]] = []
     for hidden, batch, k in grid:
         for train in (True, False):
             skip = {"vmap"} if (batch == 256 and hidden == 512 and train and k == 3) else set()
             times = time_cell(hidden, batch, k, train, reps, skip)
             hand = statistics.median(times["hand"])
-            row: dict[str, object] = {"hidden": hidden, "batch": batch, "k": k,
-                                      "mode": "train" if train else "eval",
-                                      "hand_ms": 1e3 * hand}
+            row: dict[str, object] = {
+                "hidden": hidden,
+                "batch": batch,
+                "k": k,
+                "mode": "train" if train else "eval",
+                "hand_ms": 1e3 * hand,
+            }
             cells = []
             for name, ts in times.items():
                 lo, med, hi = quartiles(ts)
                 row[name] = {"ratio": med / hand, "q1": lo / hand, "q3": hi / hand}
                 cells.append(f"{name} {med / hand:5.2f}")
             results.append(row)
-            print(f"h={hidden:<4} B={batch:<4} k={k} {row['mode']:<5} hand {1e3 * hand:7.1f} ms | "
-                  + "  ".join(cells), flush=True)
+            print(
+                f"h={hidden:<4} B={batch:<4} k={k} {row['mode']:<5} hand {1e3 * hand:7.1f} ms | "
+                + "  ".join(cells),
+                flush=True,
+            )
     memory: dict[str, object] = {}
     if not args.no_memory:
         h, b = (32, 8) if args.quick else (512, 256)
@@ -227,16 +267,28 @@ def main() -> None:
         memory["config"] = {"hidden": h, "batch": b}
         weight_copy = sum(p.numel() for p in build(h, b)[0].parameters()) * 4 * b / 2**20
         memory["one_weight_copy_per_sequence_mb"] = weight_copy
-        print(f"\npeak memory of one train step, MB (hidden {h}, batch {b}, k = 1): "
-              + ", ".join(f"{n} {v:.0f}" for n, v in memory["per_method_mb"].items())  # type: ignore[attr-defined]
-              + f"; one weight copy per sequence would be {weight_copy:.0f}")
-        print("second order vs k: " + ", ".join(
-            f"k={k} {v:.0f}" for k, v in memory["second_order_vs_k_mb"].items()))  # type: ignore[attr-defined]
-        print("first order vs k:  " + ", ".join(
-            f"k={k} {v:.0f}" for k, v in memory["first_order_vs_k_mb"].items()))  # type: ignore[attr-defined]
-    report = {"machine": {"torch": torch.__version__, "threads": args.threads,
-                          "processor": platform.processor() or platform.machine()},
-              "timings": results, "memory": memory}
+        print(
+            f"\npeak memory of one train step, MB (hidden {h}, batch {b}, k = 1): "
+            + ", ".join(f"{n} {v:.0f}" for n, v in memory["per_method_mb"].items())  # type: ignore[attr-defined]
+            + f"; one weight copy per sequence would be {weight_copy:.0f}"
+        )
+        print(
+            "second order vs k: "
+            + ", ".join(f"k={k} {v:.0f}" for k, v in memory["second_order_vs_k_mb"].items())
+        )  # type: ignore[attr-defined]
+        print(
+            "first order vs k:  "
+            + ", ".join(f"k={k} {v:.0f}" for k, v in memory["first_order_vs_k_mb"].items())
+        )  # type: ignore[attr-defined]
+    report = {
+        "machine": {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "processor": platform.processor() or platform.machine(),
+        },
+        "timings": results,
+        "memory": memory,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

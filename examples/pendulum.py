@@ -32,6 +32,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +96,9 @@ class _TrueField(nn.Module):
 
 def make_field(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 2))
+    return nn.Sequential(
+        nn.Linear(2, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 2)
+    )
 
 
 def fit(module: nn.Module, x: Tensor, target: Tensor, steps: int, desc: str) -> float:
@@ -114,11 +117,18 @@ def _field_of(rollout: Rollout, x: Tensor) -> Tensor:
     return rollout.step(x)
 
 
-def tailored_field(field: nn.Module, g: nn.Module, dt: float, inner_lr: float, learn: bool,
-                   inner_steps: int) -> NoetherWrapper:
+def tailored_field(
+    field: nn.Module, g: nn.Module, dt: float, inner_lr: float, learn: bool, inner_steps: int
+) -> NoetherWrapper:
     """The field tailored per state on its own one-step RK4 rollout; returns f~(x)."""
-    return NoetherWrapper(Rollout(field, 1, dt=dt, method="rk4"), g, inner_steps=inner_steps,
-                          inner_lr=inner_lr, learn_inner_lr=learn, predict=_field_of)
+    return NoetherWrapper(
+        Rollout(field, 1, dt=dt, method="rk4"),
+        g,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        learn_inner_lr=learn,
+        predict=_field_of,
+    )
 
 
 def rollout_error(field: nn.Module, data: Data) -> tuple[Tensor, Tensor]:
@@ -140,12 +150,15 @@ def energy_range_mask(data: Data) -> Tensor:
 def fit_formula(data: Data) -> FeatureLibrary:
     lib = FeatureLibrary(TERMS, variables=["q", "p"]).fit_conserved(data.noisy[data.train], lag=1)
     coef = lib.coefficients(scale_to="p^2")
-    return FeatureLibrary(TERMS, variables=["q", "p"], weights=torch.tensor([coef[t] for t in TERMS]))
+    return FeatureLibrary(
+        TERMS, variables=["q", "p"], weights=torch.tensor([coef[t] for t in TERMS])
+    )
 
 
 def oracle() -> FeatureLibrary:
-    return FeatureLibrary(TERMS, variables=["q", "p"],
-                          weights=torch.tensor([0.0, 0.0, 0.0, 1.0, -3.0, 0.0, 0.0]))
+    return FeatureLibrary(
+        TERMS, variables=["q", "p"], weights=torch.tensor([0.0, 0.0, 0.0, 1.0, -3.0, 0.0, 0.0])
+    )
 
 
 @dataclass
@@ -157,9 +170,14 @@ class Settings:
     learn_inner_lr: bool
 
 
-def run_seed(seed: int, data: Data, formula: FeatureLibrary, cfg: Settings,
-             lrs: dict[str, float], cache: dict[int, tuple[nn.Module, dict[str, dict[str, object]]]],
-             ) -> dict[str, dict[str, object]]:
+def run_seed(
+    seed: int,
+    data: Data,
+    formula: FeatureLibrary,
+    cfg: Settings,
+    lrs: dict[str, float],
+    cache: dict[int, tuple[nn.Module, dict[str, dict[str, Any]]]],
+) -> dict[str, dict[str, Any]]:
     """Train every row for one model seed; per row: predictions, squared errors, step size.
 
     ``cache`` keeps each seed's vanilla field and plain rows, so a sweep trains them once.
@@ -169,7 +187,7 @@ def run_seed(seed: int, data: Data, formula: FeatureLibrary, cfg: Settings,
     if seed not in cache:
         base = make_field(seed)
         fit(base, x, target, cfg.baseline_steps, f"seed {seed} vanilla")
-        plain: dict[str, dict[str, object]] = {}
+        plain: dict[str, dict[str, Any]] = {}
         pred, err = rollout_error(base, data)
         plain["vanilla"] = {"pred": pred, "err": err, "inner_lr": 0.0}
         control = copy.deepcopy(base)
@@ -179,67 +197,97 @@ def run_seed(seed: int, data: Data, formula: FeatureLibrary, cfg: Settings,
         cache[seed] = (base, plain)
     base, plain = cache[seed]
     out = dict(plain)
-    embeddings = {"noether_learned": lambda: MLPEmbedding(2, hidden=64),
-                  "noether_formula": lambda: copy.deepcopy(formula),
-                  "noether_oracle": oracle}
+    embeddings = {
+        "noether_learned": lambda: MLPEmbedding(2, hidden=64),
+        "noether_formula": lambda: copy.deepcopy(formula),
+        "noether_oracle": oracle,
+    }
     for row, make_g in embeddings.items():
         lr = lrs[row]
         if lr == 0.0:  # no tailoring at all: the control row
             out[row] = dict(out["control"])
             continue
         torch.manual_seed(seed)
-        net = tailored_field(copy.deepcopy(base), make_g(), data.dt, lr, cfg.learn_inner_lr,
-                             cfg.inner_steps)
+        net = tailored_field(
+            copy.deepcopy(base), make_g(), data.dt, lr, cfg.learn_inner_lr, cfg.inner_steps
+        )
         seconds = fit(net, x, target, cfg.meta_epochs, f"seed {seed} {row}")
         pred, err = rollout_error(net, data)
         out[row] = {"pred": pred, "err": err, "inner_lr": net.inner_lr, "seconds": seconds}
     return out
 
 
-def summarise(per_seed: list[dict[str, dict[str, object]]], data: Data) -> dict[str, object]:
+def summarise(per_seed: list[dict[str, dict[str, Any]]], data: Data) -> dict[str, Any]:
+    """Mean over seeds of every metric, per row; None where a subset has no trajectory."""
     inside = energy_range_mask(data)
     e0 = energy(data.clean[data.test, 0]).float()
 
-    def rmse(err: Tensor, mask: Tensor | None = None) -> float:
+    def rmse(err: Tensor, mask: Tensor | None = None) -> float | None:
         sel = err if mask is None else err[mask]
-        return float(sel.mean().sqrt()) if sel.numel() else float("nan")
+        return float(sel.mean().sqrt()) if sel.numel() else None
 
-    result: dict[str, dict[str, object]] = {k: {} for k in
-                                            ("rmse", "rmse_per_seed", "rmse_in_range",
-                                             "rmse_out_of_range", "energy_drift", "inner_lr")}
+    def mean(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.fmean(known) if len(known) == len(values) else None
+
+    keys = (
+        "rmse",
+        "rmse_per_seed",
+        "rmse_in_range",
+        "rmse_out_of_range",
+        "energy_drift",
+        "inner_lr",
+    )
+    result: dict[str, Any] = {k: {} for k in keys}
     for row in ROWS:
         runs = [seed_out[row] for seed_out in per_seed]
-        alls = [rmse(r["err"]) for r in runs]  # type: ignore[arg-type]
-        result["rmse"][row] = statistics.fmean(alls)
+        alls = [rmse(r["err"]) for r in runs]
+        result["rmse"][row] = mean(alls)
         result["rmse_per_seed"][row] = alls
-        result["rmse_in_range"][row] = statistics.fmean(rmse(r["err"], inside) for r in runs)  # type: ignore[arg-type]
-        result["rmse_out_of_range"][row] = statistics.fmean(rmse(r["err"], ~inside) for r in runs)  # type: ignore[arg-type]
-        drifts = [float(((energy(r["pred"]) - e0[:, None]).abs() / e0[:, None]).mean()) for r in runs]  # type: ignore[arg-type]
+        result["rmse_in_range"][row] = mean([rmse(r["err"], inside) for r in runs])
+        result["rmse_out_of_range"][row] = mean([rmse(r["err"], ~inside) for r in runs])
+        drifts = [
+            float(((energy(r["pred"]) - e0[:, None]).abs() / e0[:, None]).mean()) for r in runs
+        ]
         result["energy_drift"][row] = statistics.fmean(drifts)
-        result["inner_lr"][row] = statistics.fmean(float(r["inner_lr"]) for r in runs)  # type: ignore[arg-type]
-    return {**result, "n_test_out_of_range": int((~inside).sum())}
+        result["inner_lr"][row] = statistics.fmean(float(r["inner_lr"]) for r in runs)
+    result["n_test_out_of_range"] = int((~inside).sum())
+    return result
 
 
-def print_table(summary: dict[str, object], seeds: list[int]) -> None:
-    rmse = summary["rmse"]
-    per_seed = summary["rmse_per_seed"]
-    assert isinstance(rmse, dict) and isinstance(per_seed, dict)
-    van = rmse["vanilla"]
-    print(f"\nrollout RMSE over {len(seeds)} seed(s); ratios to vanilla; "
-          f"{summary['n_test_out_of_range']} test trajectories outside the training energy range")
-    print(f"{'row':<17}{'RMSE mean ± std':>20}{'ratio':>8}{'in-range':>10}{'out-range':>11}"
-          f"{'E drift':>9}{'step':>8}")
+def ratio(values: dict[str, float | None], row: str) -> float | None:
+    """``values[row] / values["vanilla"]``, None where either is missing."""
+    value, base = values[row], values["vanilla"]
+    return None if value is None or base is None else value / base
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def print_table(summary: dict[str, Any], seeds: list[int]) -> None:
+    print(
+        f"\nrollout RMSE over {len(seeds)} seed(s); ratios to vanilla; "
+        f"{summary['n_test_out_of_range']} test trajectories outside the training energy range"
+    )
+    print(
+        f"{'row':<17}{'RMSE mean ± std':>20}{'ratio':>8}{'in-range':>10}{'out-range':>11}"
+        f"{'E drift':>9}{'step':>8}"
+    )
     for row in ROWS:
-        vals = per_seed[row]
+        vals = summary["rmse_per_seed"][row]
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        inr = summary["rmse_in_range"][row] / summary["rmse_in_range"]["vanilla"]  # type: ignore[index]
-        out = summary["rmse_out_of_range"][row] / summary["rmse_out_of_range"]["vanilla"]  # type: ignore[index]
-        print(f"{row:<17}{rmse[row]:>11.4f} ± {std:<7.4f}{rmse[row] / van:>7.3f}×{inr:>9.3f}×"
-              f"{out:>10.3f}×{summary['energy_drift'][row]:>9.3f}"  # type: ignore[index]
-              f"{summary['inner_lr'][row]:>8.3g}")  # type: ignore[index]
+        cells = []
+        for key, width in (("rmse", 7), ("rmse_in_range", 9), ("rmse_out_of_range", 10)):
+            r = ratio(summary[key], row)
+            cells.append(f"{'—':>{width}} " if r is None else f"{r:>{width}.3f}×")
+        print(
+            f"{row:<17}{summary['rmse'][row]:>11.4f} ± {std:<7.4f}{''.join(cells)}"
+            f"{summary['energy_drift'][row]:>9.3f}{summary['inner_lr'][row]:>8.3g}"
+        )
 
 
-def plot_phase(per_seed: list[dict[str, dict[str, object]]], data: Data, path: Path) -> None:
+def plot_phase(per_seed: list[dict[str, dict[str, Any]]], data: Data, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,14 +315,16 @@ def plot_phase(per_seed: list[dict[str, dict[str, object]]], data: Data, path: P
             ax.plot(t, energy(full[i]), color=color, lw=0.8)
         ax.set_xlabel("t")
         ax.set_ylabel("H along the rollout")
-    fig.suptitle("test rollouts (grey: truth; blue: energy inside the training range; red: outside)")
+    fig.suptitle(
+        "test rollouts (grey: truth; blue: energy inside the training range; red: outside)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+def plot_sweep(sweep: dict[str, dict[str, dict[str, float | None]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,10 +334,11 @@ def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> Non
     for ax, part in zip(axes, ("in_range", "out_of_range")):
         for row in NOETHER_ROWS:
             xs = [float(lr) for lr in sweep]
-            ys = [sweep[lr][row][part] for lr in sweep]
+            ys = [float("nan") if (v := sweep[lr][row][part]) is None else v for lr in sweep]
             ax.plot([max(v, 3e-3) for v in xs], ys, marker="o", label=row)
         ax.axhline(1.0, color="0.5", lw=0.8)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("inner step size (0 plotted at 3e-3: no tailoring = control)")
         ax.set_title(f"test trajectories {part.replace('_', ' ')}")
     axes[0].set_ylabel("rollout RMSE / vanilla")
@@ -298,8 +349,9 @@ def plot_sweep(sweep: dict[str, dict[str, dict[str, float]]], path: Path) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run for tests (< 30 s)")
     parser.add_argument("--seeds", type=int, default=None, help="number of model seeds (3)")
     parser.add_argument("--seed", type=int, default=0, help="first model seed")
@@ -318,40 +370,53 @@ def main() -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     seeds = list(range(args.seed, args.seed + n_seeds))
-    cfg = Settings(baseline_steps=100 if args.quick else 2000, meta_epochs=5 if args.quick else 100,
-                   inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-                   learn_inner_lr=args.learn_inner_lr)
+    cfg = Settings(
+        baseline_steps=100 if args.quick else 2000,
+        meta_epochs=5 if args.quick else 100,
+        inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
+        learn_inner_lr=args.learn_inner_lr,
+    )
     data = make_data(args.data_seed, args.split)
     formula = fit_formula(data)
     text = formula.formula(scale_to="p^2")
     print(f"fit_conserved on the noisy training trajectories (lag-1 scatter): g = {text}")
 
     lrs = {row: args.inner_lr for row in NOETHER_ROWS}
-    cache: dict[int, tuple[nn.Module, dict[str, dict[str, object]]]] = {}
+    cache: dict[int, tuple[nn.Module, dict[str, dict[str, Any]]]] = {}
     per_seed = [run_seed(s, data, formula, cfg, lrs, cache) for s in seeds]
     summary = summarise(per_seed, data)
     print_table(summary, seeds)
     meta_seconds = [r["noether_oracle"].get("seconds") for r in per_seed]
     if all(isinstance(v, float) for v in meta_seconds):
-        print(f"seconds per meta-training step (oracle row): "
-              f"{statistics.fmean(meta_seconds):.3f}")  # type: ignore[arg-type]
+        mean_seconds = statistics.fmean(float(v) for v in meta_seconds)
+        print(f"seconds per meta-training step (oracle row): {mean_seconds:.3f}")
 
-    sweep: dict[str, dict[str, dict[str, float]]] = {}
+    sweep: dict[str, dict[str, dict[str, float | None]]] = {}
     if args.sweep:
         for lr in tqdm(SWEEP_LRS, desc="sweep"):
-            runs = [run_seed(s, data, formula, cfg, dict.fromkeys(NOETHER_ROWS, lr), cache)
-                    for s in seeds]
+            runs = [
+                run_seed(s, data, formula, cfg, dict.fromkeys(NOETHER_ROWS, lr), cache)
+                for s in seeds
+            ]
             part = summarise(runs, data)
             sweep[str(lr)] = {
-                row: {key: part[f"rmse{suffix}"][row] / part[f"rmse{suffix}"]["vanilla"]  # type: ignore[index]
-                      for key, suffix in (("all", ""), ("in_range", "_in_range"),
-                                          ("out_of_range", "_out_of_range"))}
+                row: {
+                    key: ratio(part[f"rmse{suffix}"], row)
+                    for key, suffix in (
+                        ("all", ""),
+                        ("in_range", "_in_range"),
+                        ("out_of_range", "_out_of_range"),
+                    )
+                }
                 for row in NOETHER_ROWS
             }
         print("\nsweep: RMSE ratio to vanilla (all / in-range / out-of-range)")
         for lr, rows in sweep.items():
-            cells = "  ".join(f"{row[8:]} {v['all']:.3f}/{v['in_range']:.3f}/{v['out_of_range']:.3f}"
-                              for row, v in rows.items())
+            cells = "  ".join(
+                f"{row[8:]} " + "/".join(_fmt(v[k]) for k in ("all", "in_range", "out_of_range"))
+                for row, v in rows.items()
+            )
             print(f"  step {float(lr):<7.4g} {cells}")
 
     if args.plot is not None:
@@ -373,7 +438,9 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
         if sweep:
-            args.json.with_name(args.json.stem + "_sweep.json").write_text(json.dumps(sweep, indent=2))
+            args.json.with_name(args.json.stem + "_sweep.json").write_text(
+                json.dumps(sweep, indent=2)
+            )
     print(f"done in {report['seconds']:.0f} s")
 
 

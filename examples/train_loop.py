@@ -18,7 +18,9 @@ from noether_wrap import NoetherWrapper, Rollout
 from noether_wrap.embeddings import MLPEmbedding
 
 
-def oscillator(batch: int, horizon: int, dt: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def oscillator(
+    batch: int, horizon: int, dt: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Noisy starts ``(batch, 2)`` and exact futures ``(batch, horizon, 2)``; energy q^2 + p^2."""
     x0 = torch.randn(batch, 2, generator=gen)
     t = dt * torch.arange(1, horizon + 1)
@@ -52,7 +54,9 @@ def main() -> None:
     with torch.no_grad():
         tailored = nn.functional.mse_loss(net(x0), target).item()
         plain = nn.functional.mse_loss(net.model(x0), target).item()
-    print(f"test MSE  tailored {tailored:.5f}  untailored {plain:.5f}  step size {net.inner_lr:.4f}")
+    print(
+        f"test MSE  tailored {tailored:.5f}  untailored {plain:.5f}  step size {net.inner_lr:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -57,12 +57,18 @@ class InnerProblem:
     need_final_loss: bool
     step_index: int = 0
 
-    def rollout(self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
+    def rollout(
+        self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Tensor:
         """The wrapped model's output with ``params`` swapped in."""
-        out: Tensor = functional_call(self.model, (params, self.buffers), (inputs, *args), dict(kwargs))
+        out: Tensor = functional_call(
+            self.model, (params, self.buffers), (inputs, *args), dict(kwargs)
+        )
         return out
 
-    def prediction(self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
+    def prediction(
+        self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Tensor:
         """What the wrapper returns for ``params``: ``predict(model, ...)``, else the rollout."""
         if self.predict is None:
             return self.rollout(params, inputs, args, kwargs)
@@ -87,8 +93,9 @@ class InnerResult(NamedTuple):
     def detached(self) -> InnerResult:
         """The same result with every tensor cut from the graph."""
         params = None if self.params is None else {n: p.detach() for n, p in self.params.items()}
-        return InnerResult(self.prediction.detach(), self.initial.detach(), self.losses.detach(),
-                           self.ok, params)
+        return InnerResult(
+            self.prediction.detach(), self.initial.detach(), self.losses.detach(), self.ok, params
+        )
 
 
 #: ``params -> (inner gradients, model output, per-sequence losses)``.
@@ -188,7 +195,9 @@ def tailor_shared(
 
     if problem.differentiable:
         fresh = _keep_graph
-        params = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()}
+        params = {
+            n: p if p.requires_grad else p.detach().requires_grad_() for n, p in params.items()
+        }
     else:
         fresh = _cut_graph
         params = _cut_graph(params)
@@ -201,8 +210,7 @@ def tailor_shared(
 def batched_dims(values: tuple[Any, ...], batch: int) -> tuple[int | None, ...]:
     """``0`` for each tensor whose first dim is ``batch`` (split per sample), else ``None``."""
     return tuple(
-        0 if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else None
-        for v in values
+        0 if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch else None for v in values
     )
 
 

@@ -147,7 +147,7 @@ def tailor_lowrank(
     """
     batch = inputs.shape[0]
     modules = dict(problem.model.named_modules())
-    layers = [_Layer(modules[n], w, b, batch) for n, (w, b) in layer_spec.items()]  # type: ignore[arg-type]
+    layers = [_Layer(modules[n], w, b, batch) for n, (w, b) in layer_spec.items()]
     detach = not problem.create_graph
     for layer in layers:
         layer.detach_inputs = detach
@@ -186,7 +186,11 @@ def tailor_lowrank(
         final_output = None
         if problem.predict is None or problem.need_final_loss:
             final_output = problem.rollout(empty, inputs, args, kwargs)
-        prediction = final_output if problem.predict is None else problem.prediction(empty, inputs, args, kwargs)
+        prediction = (
+            final_output
+            if problem.predict is None
+            else problem.prediction(empty, inputs, args, kwargs)
+        )
         assert prediction is not None
         if problem.need_final_loss:
             assert final_output is not None
@@ -206,7 +210,7 @@ def _split(
     records: list[tuple[list[Tensor], list[Tensor]]],
     batch: int,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per layer: all of this step's ``delta`` ``(batch, n, d_out)`` and inputs ``(batch, n, d_in)``."""
+    """Per layer: this step's ``delta`` ``(batch, n, d_out)`` and inputs ``(batch, n, d_in)``."""
     per_layer = []
     position = 0
     for outputs, inputs in records:

@@ -43,8 +43,12 @@ class MLPEmbedding(nn.Module):
         activation: type[nn.Module] = nn.Tanh,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features),
-                            ("hidden", hidden), ("depth", depth)):
+        for name, value in (
+            ("in_features", in_features),
+            ("out_features", out_features),
+            ("hidden", hidden),
+            ("depth", depth),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         layers: list[nn.Module] = []
@@ -99,8 +103,12 @@ class ConvEmbedding(nn.Module):
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("window", window),
-                            ("out_features", out_features), ("hidden", hidden)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("window", window),
+            ("out_features", out_features),
+            ("hidden", hidden),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         self.in_channels = window * in_channels
@@ -182,8 +190,8 @@ class FeatureLibrary(nn.Module):
         >>> lib = FeatureLibrary(["q", "p^2", "cos(q)"], variables=["q", "p"])
         >>> t = torch.linspace(0, 6, 200)
         >>> traj = torch.stack([torch.cos(t), torch.sin(t)], -1)   # conserves q^2 + p^2
-        >>> lib2 = FeatureLibrary(["q^2", "p^2", "q"], variables=["q", "p"]).fit_conserved(traj[None])
-        >>> lib2.formula(scale_to="p^2")
+        >>> lib2 = FeatureLibrary(["q^2", "p^2", "q"], variables=["q", "p"])
+        >>> lib2.fit_conserved(traj[None]).formula(scale_to="p^2")
         'q^2 + p^2'
     """
 
@@ -201,7 +209,9 @@ class FeatureLibrary(nn.Module):
         if isinstance(terms, str) or not terms:
             raise ValueError(f"`terms` must be a non-empty sequence of strings, got {terms!r}.")
         if isinstance(variables, str) or not variables:
-            raise ValueError(f"`variables` must be a non-empty sequence of names, got {variables!r}.")
+            raise ValueError(
+                f"`variables` must be a non-empty sequence of names, got {variables!r}."
+            )
         self.terms = [str(t) for t in terms]
         self.variables = [str(v) for v in variables]
         self._features = [_compile_term(t, self.variables) for t in self.terms]
@@ -230,7 +240,9 @@ class FeatureLibrary(nn.Module):
         """``(N, len(variables)) -> (N,)``."""
         return self.features(states) @ self.weights.to(states.dtype)
 
-    def fit_conserved(self, trajectories: Tensor | Sequence[Tensor], *, lag: int = 1) -> FeatureLibrary:
+    def fit_conserved(
+        self, trajectories: Tensor | Sequence[Tensor], *, lag: int = 1
+    ) -> FeatureLibrary:
         """Set the weights to the feature combination that is most nearly conserved.
 
         Minimises ``w' S_w w / w' S_t w`` (within-trajectory over total scatter of the features):
@@ -247,7 +259,9 @@ class FeatureLibrary(nn.Module):
         """
         if lag not in (0, 1):
             raise ValueError(f"`lag` must be 0 or 1, got {lag!r}.")
-        trajs = list(trajectories.unbind(0)) if isinstance(trajectories, Tensor) else list(trajectories)
+        trajs = (
+            list(trajectories.unbind(0)) if isinstance(trajectories, Tensor) else list(trajectories)
+        )
         if not trajs:
             raise ValueError("`trajectories` is empty.")
         with torch.no_grad():
@@ -314,7 +328,9 @@ class FeatureLibrary(nn.Module):
                 continue
             sign = "-" if c < 0 else "+"
             mag = abs(c)
-            text = term if math.isclose(mag, 1.0, rel_tol=10 ** -digits) else f"{mag:.{digits}g} {term}"
+            text = (
+                term if math.isclose(mag, 1.0, rel_tol=10**-digits) else f"{mag:.{digits}g} {term}"
+            )
             parts.append(f"{sign} {text}")
         if not parts:
             return "0"

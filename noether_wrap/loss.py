@@ -125,9 +125,9 @@ def as_reference_frames(x0: Tensor, predictions: Tensor, time_dim: int) -> Tenso
     state = tuple(predictions.shape[2:])
     if tuple(x0.shape[1:]) == state and x0.shape[0] == predictions.shape[0]:
         return x0.unsqueeze(1)
-    if x0.dim() == predictions.dim() and tuple(x0.shape[2:]) == state:
-        if x0.shape[0] == predictions.shape[0]:
-            return x0
+    same_batch = x0.shape[0] == predictions.shape[0]
+    if same_batch and x0.dim() == predictions.dim() and tuple(x0.shape[2:]) == state:
+        return x0
     raise ValueError(
         f"the reference frames must have shape (batch, *state) or (batch, r, *state) matching "
         f"the predictions' state; got reference shape {tuple(x0.shape)} for predictions whose "

@@ -86,12 +86,14 @@ class Rollout(nn.Module):
         assert self.dt is not None
         f, h = self.step, self.dt
         if self.method == "euler":
-            return x + h * f(x)
+            stepped: Tensor = x + h * f(x)
+            return stepped
         k1 = f(x)
         k2 = f(x + 0.5 * h * k1)
         k3 = f(x + 0.5 * h * k2)
         k4 = f(x + h * k3)
-        return x + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+        rk4: Tensor = x + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+        return rk4
 
     def forward(self, x0: Tensor, horizon: int | None = None) -> Tensor:
         """Predict ``horizon`` (default ``self.horizon``) steps after ``x0``.

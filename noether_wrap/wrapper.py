@@ -1,4 +1,4 @@
-"""NoetherWrapper: tailor any sequence predictor to a learned conservation law at prediction time."""
+"""NoetherWrapper: tailor a sequence predictor to a learned conservation law at prediction time."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from noether_wrap.loss import (
 )
 
 #: ``adapt``: None (all trainable parameters), a glob on parameter names, or a predicate.
-AdaptSpec = Union[None, str, Callable[[str, nn.Parameter], bool]]
+AdaptSpec = Union[str, Callable[[str, nn.Parameter], bool], None]  # noqa: UP007 (runtime alias)
 PerSamplePath = Literal["auto", "lowrank", "vmap"]
 PER_SAMPLE_PATHS: tuple[str, ...] = ("auto", "lowrank", "vmap")
 
@@ -51,7 +51,7 @@ class TailorOutput(NamedTuple):
 
 
 class NoetherWrapper(nn.Module):
-    """Wrap a sequence predictor so that every prediction is tailored to a learned conserved quantity.
+    """Tailor every prediction of a sequence predictor to a learned conserved quantity.
 
     On each call the wrapper rolls ``model`` out, takes ``inner_steps`` plain gradient steps on
     the Noether loss of the rollout (see :func:`noether_wrap.noether_loss`) with respect to the
@@ -157,7 +157,8 @@ class NoetherWrapper(nn.Module):
             isinstance(max_inner_grad_norm, (int, float)) and max_inner_grad_norm > 0
         ):
             raise ValueError(
-                f"`max_inner_grad_norm` must be a positive float or None, got {max_inner_grad_norm!r}."
+                "`max_inner_grad_norm` must be a positive float or None, got "
+                f"{max_inner_grad_norm!r}."
             )
         for name, fn in (("reference", reference), ("predict", predict)):
             if fn is not None and not callable(fn):
@@ -192,7 +193,9 @@ class NoetherWrapper(nn.Module):
         self.time_dim = time_dim
         self.inner_horizon = inner_horizon
         self.keep_if_better = bool(keep_if_better)
-        self.max_inner_grad_norm = None if max_inner_grad_norm is None else float(max_inner_grad_norm)
+        self.max_inner_grad_norm = (
+            None if max_inner_grad_norm is None else float(max_inner_grad_norm)
+        )
         self.predict = predict
         self.per_sample_path = per_sample_path
         #: Which path the last tailoring call took: "shared", "lowrank", "vmap" or None.
@@ -209,14 +212,16 @@ class NoetherWrapper(nn.Module):
         else:
             self.register_buffer("log_inner_lr", log_lr)
         self.adapted_names()  # fail now, not at the first call, if `adapt` selects nothing
-        if self.first_order and isinstance(embedding, nn.Module):
-            if any(p.requires_grad for p in embedding.parameters()):
-                warnings.warn(
-                    "NoetherWrapper(first_order=True): the inner gradient is detached, so the "
-                    "embedding's trainable parameters get no outer gradient and will not learn. "
-                    "Use first_order=False to learn the embedding.",
-                    stacklevel=2,
-                )
+        trainable_g = isinstance(embedding, nn.Module) and any(
+            p.requires_grad for p in embedding.parameters()
+        )
+        if self.first_order and trainable_g:
+            warnings.warn(
+                "NoetherWrapper(first_order=True): the inner gradient is detached, so the "
+                "embedding's trainable parameters get no outer gradient and will not learn. "
+                "Use first_order=False to learn the embedding.",
+                stacklevel=2,
+            )
 
     @property
     def inner_lr(self) -> float:
@@ -313,7 +318,9 @@ class NoetherWrapper(nn.Module):
     ) -> _func.InnerResult:
         problem = self._problem(need_final_loss)
         selected = set(self.adapted_names())
-        params = {n: p for n, p in self.model.named_parameters() if n in selected}
+        params: dict[str, Tensor] = {
+            n: p for n, p in self.model.named_parameters() if n in selected
+        }
         run = self._choose_path(list(params))
         try:
             try:
@@ -358,7 +365,7 @@ class NoetherWrapper(nn.Module):
             {'step.weight': (3, 2, 2), 'step.bias': (3, 2)}
         """
         if self.inner_steps == 0:
-            own = dict(self.model.named_parameters())
+            own: dict[str, Tensor] = dict(self.model.named_parameters())
             base = {n: own[n] for n in self.adapted_names()}
             if not self.per_sample:
                 return base

@@ -26,9 +26,26 @@ def test_rule8_ddp_matches_one_process(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
     steps, batch = 3, 8
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "0", "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0",
-           str(EXAMPLE), "--steps", str(steps), "--batch", str(batch), "--save", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        str(EXAMPLE),
+        "--steps",
+        str(steps),
+        "--batch",
+        str(batch),
+        "--save",
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-6000:])
     ddp_state = torch.load(out, weights_only=True)

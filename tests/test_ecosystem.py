@@ -15,8 +15,14 @@ from noether_wrap.embeddings import MLPEmbedding
 def _net(path: str, per_sample: bool = True) -> NoetherWrapper:
     torch.manual_seed(0)
     step = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 4))
-    return NoetherWrapper(Rollout(step, 10), MLPEmbedding(4), inner_lr=0.05, inner_steps=2,
-                          per_sample=per_sample, per_sample_path=path)
+    return NoetherWrapper(
+        Rollout(step, 10),
+        MLPEmbedding(4),
+        inner_lr=0.05,
+        inner_steps=2,
+        per_sample=per_sample,
+        per_sample_path=path,
+    )
 
 
 # bf16 keeps 8 mantissa bits: outputs agree with float32 to about 1 % of their scale, and the
@@ -25,7 +31,9 @@ AMP_OUTPUT_TOL = 0.02
 AMP_TAILORING_TOL = 0.05
 
 
-@pytest.mark.parametrize(("path", "per_sample"), [("lowrank", True), ("vmap", True), ("auto", False)])
+@pytest.mark.parametrize(
+    ("path", "per_sample"), [("lowrank", True), ("vmap", True), ("auto", False)]
+)
 def test_autocast_bfloat16_matches_float32(path: str, per_sample: bool) -> None:
     net = _net(path, per_sample)
     x = torch.randn(8, 4)
@@ -56,8 +64,9 @@ def test_wrapping_a_compiled_model_tailors_the_original_module() -> None:
 def test_compiled_wrapper_in_eval_matches_eager(per_sample: bool) -> None:
     torch.manual_seed(0)
     step = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
-    net = NoetherWrapper(Rollout(step, 2), MLPEmbedding(4, hidden=8), inner_lr=0.1,
-                         per_sample=per_sample).eval()
+    net = NoetherWrapper(
+        Rollout(step, 2), MLPEmbedding(4, hidden=8), inner_lr=0.1, per_sample=per_sample
+    ).eval()
     x = torch.randn(5, 4)
     with torch.no_grad():
         eager = net(x)

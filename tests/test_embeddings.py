@@ -8,7 +8,9 @@ from noether_wrap.embeddings import ConvEmbedding, FeatureLibrary, MLPEmbedding
 PENDULUM_TERMS = ["q", "p", "q^2", "p^2", "cos(q)", "sin(q)", "q*p"]
 
 
-def pendulum_trajectories(n: int, steps: int = 45, noise: float = 0.0, seed: int = 0) -> torch.Tensor:
+def pendulum_trajectories(
+    n: int, steps: int = 45, noise: float = 0.0, seed: int = 0
+) -> torch.Tensor:
     """Ideal pendulum H = 3(1 - cos q) + p^2 by fine RK4, ``(n, steps, 2)``."""
     g = torch.Generator().manual_seed(seed)
     radius = 1.3 + torch.rand(n, generator=g, dtype=torch.float64)

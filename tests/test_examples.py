@@ -15,8 +15,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _run(script: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -33,9 +34,19 @@ def test_pendulum_quick_json(tmp_path: Path) -> None:
     assert "g = " in out
     report = json.loads(path.read_text())
     rows = {"vanilla", "control", "noether_learned", "noether_formula", "noether_oracle"}
-    assert set(report) == {"rmse", "rmse_per_seed", "rmse_in_range", "rmse_out_of_range",
-                           "n_test_out_of_range", "energy_drift", "formula", "inner_lr", "split",
-                           "seeds", "seconds"}
+    assert set(report) == {
+        "rmse",
+        "rmse_per_seed",
+        "rmse_in_range",
+        "rmse_out_of_range",
+        "n_test_out_of_range",
+        "energy_drift",
+        "formula",
+        "inner_lr",
+        "split",
+        "seeds",
+        "seconds",
+    }
     for key in ("rmse", "rmse_in_range", "energy_drift", "inner_lr", "rmse_per_seed"):
         assert set(report[key]) == rows, key
     for row in rows:

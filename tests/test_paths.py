@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_net
 from noether_wrap import NoetherWrapper, Rollout
 from noether_wrap.embeddings import MLPEmbedding
+
+from conftest import make_net
 
 
 def _pair(**kwargs: Any) -> tuple[NoetherWrapper, NoetherWrapper]:
@@ -55,12 +56,15 @@ def test_paths_agree_with_adapt_subsets(adapt: str) -> None:
     _assert_agree(fast, slow, torch.randn(4, 2, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("extra", [
-    {"max_inner_grad_norm": 0.05},
-    {"keep_if_better": True, "inner_lr": 5.0},
-    {"distance": "cosine"},
-    {"inner_horizon": 2},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"max_inner_grad_norm": 0.05},
+        {"keep_if_better": True, "inner_lr": 5.0},
+        {"distance": "cosine"},
+        {"inner_horizon": 2},
+    ],
+)
 def test_paths_agree_with_options(extra: dict[str, Any]) -> None:
     kwargs: dict[str, Any] = {"hidden": 16, "inner_steps": 2, "inner_lr": 0.2, **extra}
     fast, slow = _pair(**kwargs)
@@ -91,8 +95,9 @@ def _conv_pair(adapt: str | None) -> tuple[NoetherWrapper, NoetherWrapper]:
     model = Rollout(ConvStep().double(), horizon=3)
     emb = MLPEmbedding(6, hidden=8).double()
     fast = NoetherWrapper(model, emb, inner_steps=2, inner_lr=0.3, adapt=adapt)
-    slow = NoetherWrapper(model, emb, inner_steps=2, inner_lr=0.3, adapt=adapt,
-                          per_sample_path="vmap")
+    slow = NoetherWrapper(
+        model, emb, inner_steps=2, inner_lr=0.3, adapt=adapt, per_sample_path="vmap"
+    )
     return fast, slow
 
 

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import make_net, make_step
 from noether_wrap import NoetherWrapper, Rollout
 from noether_wrap.embeddings import MLPEmbedding
+
+from conftest import make_net, make_step
 from reference import tailor_reference
 
 
@@ -22,6 +23,7 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # Rule 1 ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("per_sample", [True, False])
 def test_rule1_zero_steps_is_exactly_the_model(per_sample: bool) -> None:
@@ -34,6 +36,7 @@ def test_rule1_zero_steps_is_exactly_the_model(per_sample: bool) -> None:
 
 
 # Rule 2 ---------------------------------------------------------------------------------------
+
 
 class _BNStep(nn.Module):
     def __init__(self) -> None:
@@ -65,6 +68,7 @@ def test_rule2_forward_never_changes_model_state(train: bool, per_sample: bool) 
 
 # Rule 3 ---------------------------------------------------------------------------------------
 
+
 @settings(max_examples=15, deadline=None)
 @given(
     batch=st.integers(min_value=1, max_value=7),
@@ -94,6 +98,7 @@ def test_rule3_shared_step_does_depend_on_the_batch() -> None:
 
 # Rule 4 ---------------------------------------------------------------------------------------
 
+
 def _functional(net: NoetherWrapper, names: list[str]):  # type: ignore[no-untyped-def]
     def f(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.func.functional_call(net, dict(zip(names, values)), (x,))
@@ -108,8 +113,15 @@ PATHS = [(True, "lowrank"), (True, "vmap"), (False, "auto")]
 @pytest.mark.parametrize("steps", [0, 1, 3])
 @pytest.mark.parametrize(("per_sample", "path"), PATHS)
 def test_rule4_gradcheck(steps: int, per_sample: bool, path: str) -> None:
-    net = make_net(hidden=3, emb_hidden=3, horizon=3, inner_steps=steps, per_sample=per_sample,
-                   inner_lr=0.3, per_sample_path=path)
+    net = make_net(
+        hidden=3,
+        emb_hidden=3,
+        horizon=3,
+        inner_steps=steps,
+        per_sample=per_sample,
+        inner_lr=0.3,
+        per_sample_path=path,
+    )
     names = [n for n, _ in net.named_parameters()]
     values = [p.detach().clone().requires_grad_() for _, p in net.named_parameters()]
     x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
@@ -120,8 +132,14 @@ def test_rule4_gradcheck(steps: int, per_sample: bool, path: str) -> None:
 @pytest.mark.parametrize(("per_sample", "path"), PATHS)
 def test_rule4_matches_plain_loop_reference(form: str, per_sample: bool, path: str) -> None:
     horizon, steps = 4, 3
-    net = make_net(horizon=horizon, inner_steps=steps, per_sample=per_sample, loss_form=form,
-                   inner_lr=0.2, per_sample_path=path)
+    net = make_net(
+        horizon=horizon,
+        inner_steps=steps,
+        per_sample=per_sample,
+        loss_form=form,
+        inner_lr=0.2,
+        per_sample_path=path,
+    )
     x = torch.randn(5, 2, dtype=torch.float64)
     step, emb = net.model.step, net.embedding.net
     model_params = [step[0].weight, step[0].bias, step[2].weight, step[2].bias]
@@ -130,8 +148,16 @@ def test_rule4_matches_plain_loop_reference(form: str, per_sample: bool, path: s
 
     ours = net(x)
     assert net.last_path == (path if per_sample else "shared")
-    ref = tailor_reference(model_params, emb_params, net.log_inner_lr, x, horizon=horizon,
-                           steps=steps, form=form, per_sample=per_sample)
+    ref = tailor_reference(
+        model_params,
+        emb_params,
+        net.log_inner_lr,
+        x,
+        horizon=horizon,
+        steps=steps,
+        form=form,
+        per_sample=per_sample,
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
     params = [*model_params, *emb_params, net.log_inner_lr]
@@ -143,6 +169,7 @@ def test_rule4_matches_plain_loop_reference(form: str, per_sample: bool, path: s
 
 
 # Rule 5 ---------------------------------------------------------------------------------------
+
 
 def test_rule5_parameters_hold_model_embedding_and_step_size() -> None:
     net = make_net()
@@ -169,6 +196,7 @@ def test_rule5_an_optimizer_trains_all_three() -> None:
 
 
 # Rule 6 ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("per_sample", "path"), PATHS)
 @pytest.mark.parametrize("mode", ["eval", "no_grad", "inference_mode"])
@@ -201,6 +229,7 @@ def test_rule6_no_grad_builds_no_second_order_graph() -> None:
 
 # Rule 7 ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("learn", [True, False])
 def test_rule7_state_dict_round_trips(learn: bool) -> None:
     net = make_net(inner_steps=2, learn_inner_lr=learn, inner_lr=0.05)
@@ -219,6 +248,7 @@ def test_rule7_state_dict_round_trips(learn: bool) -> None:
 
 
 # Rule 9 ---------------------------------------------------------------------------------------
+
 
 def _model() -> Rollout:
     return Rollout(make_step(), horizon=3)

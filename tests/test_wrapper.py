@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_net, make_step
 from noether_wrap import NoetherWrapper, Rollout, noether_loss
 from noether_wrap.embeddings import MLPEmbedding
+
+from conftest import make_net, make_step
 
 
 def _x(batch: int = 4) -> torch.Tensor:
@@ -99,8 +100,10 @@ def test_max_inner_grad_norm_bounds_the_step() -> None:
             noether_loss(x[b : b + 1], net.model(x[b : b + 1]), net.embedding, reduction="sum"),
             list(net.model.parameters()),
         )
-        params = {n: p - 1.0 * g * min(1.0, 1e-3 / float(torch.sqrt(sum((h**2).sum() for h in grads))))
-                  for (n, p), g in zip(net.model.named_parameters(), grads)}
+        params = {
+            n: p - 1.0 * g * min(1.0, 1e-3 / float(torch.sqrt(sum((h**2).sum() for h in grads))))
+            for (n, p), g in zip(net.model.named_parameters(), grads)
+        }
         step_sizes.append(moved(params))
         expected = torch.func.functional_call(net.model, params, (x[b : b + 1],))
         torch.testing.assert_close(net(x[b : b + 1]), expected)
@@ -145,8 +148,9 @@ class _Scaled(nn.Module):
 
 
 def test_extra_args_and_kwargs_pass_through_per_sample() -> None:
-    net = NoetherWrapper(_Scaled(), MLPEmbedding(2).double(), inner_lr=0.2,
-                         reference=lambda inputs: inputs)
+    net = NoetherWrapper(
+        _Scaled(), MLPEmbedding(2).double(), inner_lr=0.2, reference=lambda inputs: inputs
+    )
     x = _x(3)
     scale = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     full = net(x, scale, shift=0.1)
@@ -166,8 +170,9 @@ def test_time_dim_other_than_one() -> None:
             return self.inner(x).transpose(1, 2)  # (batch, state, T)
 
     base = make_net(inner_steps=2)
-    net = NoetherWrapper(TimeLast(base.model), base.embedding, inner_steps=2, inner_lr=0.1,
-                         time_dim=2)
+    net = NoetherWrapper(
+        TimeLast(base.model), base.embedding, inner_steps=2, inner_lr=0.1, time_dim=2
+    )
     x = _x()
     torch.testing.assert_close(net(x), base(x).transpose(1, 2))
 
@@ -265,7 +270,9 @@ def test_tailored_model_is_a_plain_copy_with_adapted_weights() -> None:
     x = _x(3)
     plain = net.tailored_model(x, index=1)
     torch.testing.assert_close(plain(x[1:2]), net(x[1:2]))
-    assert plain is not net.model and not torch.equal(plain.step[0].weight, net.model.step[0].weight)
+    assert plain is not net.model and not torch.equal(
+        plain.step[0].weight, net.model.step[0].weight
+    )
     one = net.tailored_model(x[:1])
     torch.testing.assert_close(one(x[:1]), net(x[:1]))
     with pytest.raises(ValueError, match="`index`"):
