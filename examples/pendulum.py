@@ -43,6 +43,7 @@ from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding
 
 TERMS = ["q", "p", "q^2", "p^2", "cos(q)", "sin(q)", "q*p"]
 ROWS = ["vanilla", "control", "noether_learned", "noether_formula", "noether_oracle"]
+BASELINE_ROWS = ["projection_formula", "projection_oracle"]
 NOETHER_ROWS = ROWS[2:]
 SWEEP_LRS = [0.0, 0.01, 0.0316, 0.1, 0.178, 0.316]
 T_END, POINTS, NOISE = 3.0, 45, 0.1
@@ -140,6 +141,28 @@ def rollout_error(field: nn.Module, data: Data) -> tuple[Tensor, Tensor]:
     return pred, (pred - truth[:, 1:]) ** 2
 
 
+def projected_rollout_error(field: nn.Module, g: nn.Module, data: Data) -> tuple[Tensor, Tensor]:
+    """The expert's baseline: after every RK4 step, three Newton steps put the state back on the
+    level set g(x) = g(x0) of a known conserved quantity."""
+    truth = data.clean[data.test].float()
+    step = Rollout(field, 1, dt=data.dt, method="rk4")
+    x = truth[:, 0]
+    with torch.no_grad():
+        level = g(x)
+    states = []
+    for _ in range(POINTS - 1):
+        with torch.no_grad():
+            x = step(x)[:, 0]
+        for _ in range(3):
+            x = x.detach().requires_grad_()
+            value = g(x)
+            (grad,) = torch.autograd.grad(value.sum(), x)
+            x = x - ((value - level) / grad.pow(2).sum(-1).clamp_min(1e-8)).unsqueeze(-1) * grad
+        states.append(x.detach())
+    pred = torch.stack(states, dim=1)
+    return pred, (pred - truth[:, 1:]) ** 2
+
+
 def energy_range_mask(data: Data) -> Tensor:
     """True for test trajectories whose energy lies inside the training energy range."""
     train_e = energy(data.clean[data.train, 0])
@@ -168,6 +191,7 @@ class Settings:
     inner_steps: int
     inner_lr: float
     learn_inner_lr: bool
+    baselines: bool = False
 
 
 def run_seed(
@@ -194,6 +218,10 @@ def run_seed(
         fit(control, x, target, cfg.meta_epochs, f"seed {seed} control")
         pred, err = rollout_error(control, data)
         plain["control"] = {"pred": pred, "err": err, "inner_lr": 0.0}
+        if cfg.baselines:
+            for row, g in (("projection_formula", formula), ("projection_oracle", oracle())):
+                pred, err = projected_rollout_error(base, g, data)
+                plain[row] = {"pred": pred, "err": err, "inner_lr": 0.0}
         cache[seed] = (base, plain)
     base, plain = cache[seed]
     out = dict(plain)
@@ -239,7 +267,7 @@ def summarise(per_seed: list[dict[str, dict[str, Any]]], data: Data) -> dict[str
         "inner_lr",
     )
     result: dict[str, Any] = {k: {} for k in keys}
-    for row in ROWS:
+    for row in [r for r in ROWS + BASELINE_ROWS if r in per_seed[0]]:
         runs = [seed_out[row] for seed_out in per_seed]
         alls = [rmse(r["err"]) for r in runs]
         result["rmse"][row] = mean(alls)
@@ -271,10 +299,10 @@ def print_table(summary: dict[str, Any], seeds: list[int]) -> None:
         f"{summary['n_test_out_of_range']} test trajectories outside the training energy range"
     )
     print(
-        f"{'row':<17}{'RMSE mean ± std':>20}{'ratio':>8}{'in-range':>10}{'out-range':>11}"
+        f"{'row':<19}{'RMSE mean ± std':>20}{'ratio':>8}{'in-range':>10}{'out-range':>11}"
         f"{'E drift':>9}{'step':>8}"
     )
-    for row in ROWS:
+    for row in [r for r in ROWS + BASELINE_ROWS if r in summary["rmse"]]:
         vals = summary["rmse_per_seed"][row]
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
         cells = []
@@ -282,7 +310,7 @@ def print_table(summary: dict[str, Any], seeds: list[int]) -> None:
             r = ratio(summary[key], row)
             cells.append(f"{'—':>{width}} " if r is None else f"{r:>{width}.3f}×")
         print(
-            f"{row:<17}{summary['rmse'][row]:>11.4f} ± {std:<7.4f}{''.join(cells)}"
+            f"{row:<19}{summary['rmse'][row]:>11.4f} ± {std:<7.4f}{''.join(cells)}"
             f"{summary['energy_drift'][row]:>9.3f}{summary['inner_lr'][row]:>8.3g}"
         )
 
@@ -361,6 +389,11 @@ def main() -> None:
     parser.add_argument("--learn-inner-lr", action="store_true")
     parser.add_argument("--split", choices=["paper", "extrapolate"], default="paper")
     parser.add_argument("--sweep", action="store_true", help="Noether rows over step sizes")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="add the expert's baseline: vanilla rollouts projected onto g(x) = g(x0) each step",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -376,6 +409,7 @@ def main() -> None:
         inner_steps=args.inner_steps,
         inner_lr=args.inner_lr,
         learn_inner_lr=args.learn_inner_lr,
+        baselines=args.baselines,
     )
     data = make_data(args.data_seed, args.split)
     formula = fit_formula(data)

@@ -56,6 +56,8 @@ class InnerProblem:
     max_grad_norm: float | None
     need_final_loss: bool
     step_index: int = 0
+    #: True once the first rollout and its inner gradient went through (for error messages).
+    started: bool = False
 
     def rollout(
         self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]
@@ -135,6 +137,7 @@ def inner_loop(
     for i in range(problem.steps):
         problem.step_index = i
         grads, output, loss = gradient(params)
+        problem.started = True
         if i == 0:
             initial = output
         losses.append(loss)

@@ -172,6 +172,7 @@ def tailor_lowrank(
                     retain_graph=problem.differentiable,
                     allow_unused=True,
                 )
+            problem.started = True
             if i == 0:
                 initial = output
             losses.append(loss)

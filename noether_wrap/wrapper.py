@@ -291,13 +291,24 @@ class NoetherWrapper(nn.Module):
             return TailorOutput(prediction, result.initial, result.losses)
         return prediction
 
-    @staticmethod
-    def _check_inputs(inputs: object) -> None:
+    def _check_inputs(self, inputs: object) -> None:
         if not isinstance(inputs, Tensor):
             raise TypeError(f"`inputs` must be a Tensor, got {type(inputs).__name__}.")
         if inputs.dim() < 1 or inputs.shape[0] == 0:
             raise ValueError(
                 f"`inputs` must have a non-empty batch axis first; got shape {tuple(inputs.shape)}."
+            )
+        if self.reference is None and not inputs.is_floating_point():
+            raise TypeError(
+                "`inputs` is the state the Noether loss anchors on, so it must be a floating-point "
+                f"tensor; got dtype {inputs.dtype}. Pass `reference` if the model reads other "
+                "inputs."
+            )
+        devices = {p.device for p in self.model.parameters()}
+        if len(devices) == 1 and inputs.device not in devices:
+            raise ValueError(
+                f"`inputs` is on {inputs.device} but the model's parameters are on "
+                f"{devices.pop()}; move one of them."
             )
 
     def _run(
@@ -337,10 +348,16 @@ class NoetherWrapper(nn.Module):
             if not bool(result.ok.all()):
                 result = self._recover(problem, run, params, inputs, args, kwargs, result)
         except RuntimeError as error:
-            raise RuntimeError(
-                f"NoetherWrapper: tailoring failed at inner step {problem.step_index} of "
-                f"inner_steps={self.inner_steps} for inputs of shape {tuple(inputs.shape)}: {error}"
-            ) from error
+            where = (
+                f"at inner step {problem.step_index} of inner_steps={self.inner_steps} for inputs "
+                f"of shape {tuple(inputs.shape)}"
+            )
+            if problem.step_index == 0 and not problem.started:
+                raise ValueError(
+                    "`inputs` do not fit `model` or `embedding`: the first rollout failed "
+                    f"{where}: {error}"
+                ) from error
+            raise RuntimeError(f"NoetherWrapper: tailoring failed {where}: {error}") from error
         return result
 
     def tailor(self, inputs: Tensor, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

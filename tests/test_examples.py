@@ -60,3 +60,54 @@ def test_pendulum_quick_json(tmp_path: Path) -> None:
     assert report["split"] == "paper"
     assert report["inner_lr"]["noether_oracle"] == pytest.approx(0.1, rel=1e-6)
     assert plot.stat().st_size > 10_000
+
+
+def test_ising_quick_json(tmp_path: Path) -> None:
+    path = tmp_path / "i.json"
+    _run("ising.py", "--quick", "--json", str(path), "--plot", str(tmp_path / "i.png"))
+    report = json.loads(path.read_text())
+    rows = {"vanilla", "control", "projection", "noether_oracle", "noether_learned"}
+    assert set(report) == {
+        "dynamics",
+        "seeds",
+        "rmse_ensemble",
+        "rmse_ensemble_per_seed",
+        "m_drift",
+        "m_drift_final",
+        "energy_error",
+        "g_within_var_frac",
+        "g_within_var_frac_init",
+        "g_abs_pearson_m",
+        "g_abs_pearson_m_init",
+        "g_abs_pearson_h",
+        "seconds",
+    }
+    for key in ("rmse_ensemble", "m_drift", "m_drift_final", "energy_error"):
+        assert set(report[key]) == rows, key
+        assert all(math.isfinite(v) for v in report[key].values()), key
+    assert report["m_drift"]["projection"] < 1e-6  # the projection conserves M by construction
+    for key in ("g_within_var_frac", "g_abs_pearson_m", "g_abs_pearson_h"):
+        assert math.isfinite(report[key]) and report[key] >= 0
+    assert report["dynamics"] == "kawasaki"
+    assert (tmp_path / "i.png").stat().st_size > 10_000
+
+
+def test_ising_generators_conserve_their_quantities() -> None:
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("ising_example", EXAMPLES / "ising.py")
+    assert spec is not None and spec.loader is not None
+    ising = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ising)
+    gen = torch.Generator().manual_seed(0)
+    x0 = ising.initial_states(16, 8, 0.1, 0.9, gen)
+    kawasaki = ising.simulate(x0, 6, "kawasaki", 2.0, gen)
+    m = kawasaki.mean(dim=(-2, -1))
+    assert torch.equal(m, m[:, :1].expand_as(m))  # magnetisation exactly conserved
+    assert bool((kawasaki[:, 1:] != kawasaki[:, :-1]).any())  # and the lattice does move
+    q2r = ising.simulate(x0, 6, "q2r", 2.0, gen)
+    e = ising.energy_per_bond(q2r)
+    assert torch.equal(e, e[:, :1].expand_as(e))  # Q2R conserves the Ising energy exactly
+    assert bool((q2r[:, 1:] != q2r[:, :-1]).any())

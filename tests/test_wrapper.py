@@ -228,16 +228,16 @@ def test_forward_input_errors() -> None:
 
 
 def test_failures_deep_in_torch_get_context() -> None:
-    class Broken(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(2, 2)
+    calls = []
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.lin(x).unsqueeze(1) @ torch.ones(5, 5)
+    def flaky(states: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return states.sum(-1)
 
-    net = NoetherWrapper(Broken(), lambda s: s.sum(-1), inner_steps=3)
-    with pytest.raises(RuntimeError, match=r"inner step 0 of inner_steps=3.*\(4, 2\)"):
+    net = NoetherWrapper(Rollout(nn.Linear(2, 2), 3), flaky, inner_steps=3, per_sample=False)
+    with pytest.raises(RuntimeError, match=r"inner step 1 of inner_steps=3.*\(4, 2\): boom"):
         net(torch.randn(4, 2))
 
 
@@ -281,3 +281,14 @@ def test_tailored_model_is_a_plain_copy_with_adapted_weights() -> None:
         net.tailored_model(x, index=3)
     zero = make_net(inner_steps=0)
     assert zero.tailor(x)["step.0.weight"].shape == (3, 8, 2)
+
+
+def test_inputs_of_the_wrong_dtype_device_or_shape() -> None:
+    net = make_net()
+    net(_x(2))
+    with pytest.raises(TypeError, match="`inputs`.*floating-point"):
+        net(torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="`inputs` is on meta"):
+        net(torch.empty(2, 2, device="meta", dtype=torch.float64))
+    with pytest.raises(ValueError, match="`inputs` do not fit `model`"):
+        net(torch.randn(2, 3, dtype=torch.float64))
