@@ -65,8 +65,8 @@ class MLPEmbedding(nn.Module):
         flat = states.reshape(states.shape[0], -1)
         if flat.shape[1] != self.in_features:
             raise ValueError(
-                f"MLPEmbedding expects {self.in_features} features per input, got input shape "
-                f"{tuple(states.shape)} ({flat.shape[1]} features)."
+                f"MLPEmbedding: `states` must have {self.in_features} features per input, got "
+                f"shape {tuple(states.shape)} ({flat.shape[1]} features)."
             )
         out: Tensor = self.net(flat)
         return out
@@ -124,8 +124,8 @@ class ConvEmbedding(nn.Module):
         """``(N, window * in_channels, H, W) -> (N, out_features)``."""
         if frames.dim() != 4 or frames.shape[1] != self.in_channels:
             raise ValueError(
-                f"ConvEmbedding expects (N, {self.in_channels}, H, W) (window * in_channels "
-                f"channels), got shape {tuple(frames.shape)}."
+                f"ConvEmbedding: `frames` must be (N, {self.in_channels}, H, W) (window * "
+                f"in_channels channels), got shape {tuple(frames.shape)}."
             )
         pooled = self.net(frames).mean(dim=(2, 3))
         out: Tensor = self.head(pooled)
@@ -231,7 +231,7 @@ class FeatureLibrary(nn.Module):
         """``(N, len(variables)) -> (N, F)``: every feature of every state."""
         if states.dim() != 2 or states.shape[1] != len(self.variables):
             raise ValueError(
-                f"FeatureLibrary expects states of shape (N, {len(self.variables)}) "
+                f"FeatureLibrary: `states` must have shape (N, {len(self.variables)}) "
                 f"(variables {self.variables}), got {tuple(states.shape)}."
             )
         return torch.stack([f(states) for f in self._features], dim=-1)

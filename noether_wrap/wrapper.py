@@ -90,11 +90,13 @@ class NoetherWrapper(nn.Module):
             vector field on its one-step RK4 rollout but return the field itself,
             ``predict=lambda m, x: m.step(x)``.
         per_sample_path: how ``per_sample`` tailoring is computed. ``"lowrank"``: the exact
-            recorded-terms path for ``nn.Linear`` layers (no per-sample weight copies; needs every
-            adapted parameter to belong to an ``nn.Linear`` that sees the batch at dim 0, and a
-            model that treats sequences independently); ``"vmap"``: ``vmap`` over ``grad``, for
-            any model; ``"auto"`` (default): ``"lowrank"`` where it applies, else ``"vmap"``.
-            ``last_path`` tells which one ran.
+            recorded-terms path for ``nn.Linear`` layers (no per-sample weight copies), with dense
+            per-sample updates for ungrouped ``nn.Conv1d``/``nn.Conv2d``; it needs every adapted
+            layer to see the batch at dim 0, and a model that treats sequences independently.
+            ``"vmap"``: ``vmap`` over ``grad``, for any model. ``"auto"`` (default): ``"lowrank"``
+            when every adapted parameter belongs to an ``nn.Linear`` (where it is measured
+            faster), else ``"vmap"`` (whose batching rule already turns per-sample convolutions
+            into one grouped convolution). ``last_path`` tells which one ran.
 
     Shapes:
         ``forward(inputs, *args, return_info=False, **kwargs)``: the prediction has the shape of
@@ -354,8 +356,10 @@ class NoetherWrapper(nn.Module):
             )
             if problem.step_index == 0 and not problem.started:
                 raise ValueError(
-                    "`inputs` do not fit `model` or `embedding`: the first rollout failed "
-                    f"{where}: {error}"
+                    f"`model` or `embedding` failed on `inputs` of shape {tuple(inputs.shape)} in "
+                    f"the first rollout (inner_steps={self.inner_steps}): {error}. Check that the "
+                    "inputs fit the model; per_sample=True also needs torch.func support "
+                    "(per_sample_path='vmap')."
                 ) from error
             raise RuntimeError(f"NoetherWrapper: tailoring failed {where}: {error}") from error
         return result
@@ -446,7 +450,11 @@ class NoetherWrapper(nn.Module):
             return _func.tailor_per_sample
         if self.per_sample_path != "vmap" and not self._lowrank_unsupported:
             layers = _lowrank.supported_layers(self.model, names)
-            if layers is not None:
+            auto_ok = layers is not None and (
+                self.per_sample_path == "lowrank"
+                or all(type(self.model.get_submodule(n)) is nn.Linear for n in layers)
+            )
+            if layers is not None and auto_ok:
                 self.last_path = "lowrank"
 
                 def lowrank(
@@ -462,7 +470,8 @@ class NoetherWrapper(nn.Module):
             if self.per_sample_path == "lowrank":
                 raise ValueError(
                     "`per_sample_path='lowrank'` needs every adapted parameter to belong to an "
-                    "nn.Linear; use `adapt` to select only those, or per_sample_path='auto'."
+                    "nn.Linear or an ungrouped nn.Conv1d/Conv2d; use `adapt` to select only "
+                    "those, or per_sample_path='auto'."
                 )
         self.last_path = "vmap"
         return _func.tailor_per_sample

@@ -36,9 +36,9 @@ def pendulum_trajectories(
 def test_mlp_and_conv_shapes_and_errors() -> None:
     assert MLPEmbedding(6, 3)(torch.randn(4, 2, 3)).shape == (4, 3)
     assert ConvEmbedding(1, window=2, out_features=5)(torch.rand(3, 2, 8, 8)).shape == (3, 5)
-    with pytest.raises(ValueError, match="expects 6 features"):
+    with pytest.raises(ValueError, match="must have 6 features"):
         MLPEmbedding(6)(torch.randn(4, 5))
-    with pytest.raises(ValueError, match="ConvEmbedding expects"):
+    with pytest.raises(ValueError, match="ConvEmbedding: `frames`"):
         ConvEmbedding(1, window=2)(torch.rand(3, 1, 8, 8))
     with pytest.raises(ValueError, match="`hidden`"):
         MLPEmbedding(2, hidden=0)

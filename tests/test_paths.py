@@ -94,7 +94,9 @@ def _conv_pair(adapt: str | None) -> tuple[NoetherWrapper, NoetherWrapper]:
     torch.manual_seed(3)
     model = Rollout(ConvStep().double(), horizon=3)
     emb = MLPEmbedding(6, hidden=8).double()
-    fast = NoetherWrapper(model, emb, inner_steps=2, inner_lr=0.3, adapt=adapt)
+    fast = NoetherWrapper(
+        model, emb, inner_steps=2, inner_lr=0.3, adapt=adapt, per_sample_path="lowrank"
+    )
     slow = NoetherWrapper(
         model, emb, inner_steps=2, inner_lr=0.3, adapt=adapt, per_sample_path="vmap"
     )
@@ -106,14 +108,56 @@ def test_paths_agree_on_a_conv_model_with_linear_head_adapted() -> None:
     _assert_agree(fast, slow, torch.randn(4, 6, dtype=torch.float64))
 
 
-def test_auto_uses_vmap_when_a_conv_is_adapted() -> None:
-    net, ref = _conv_pair(None)
+def test_paths_agree_on_a_conv1d_model_all_adapted() -> None:
+    fast, slow = _conv_pair(None)  # circular padding, conv and linear layers adapted
+    _assert_agree(fast, slow, torch.randn(4, 6, dtype=torch.float64))
+
+
+class Conv2dStep(nn.Module):
+    """Zero padding, a strided conv and a plain conv: frames (batch, 1, 6, 6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.mix = nn.Conv2d(3, 1, (2, 3), padding=(0, 1), bias=False)
+        self.up = nn.Upsample(size=(6, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.down(x))
+        return x + 0.2 * self.up(self.mix(nn.functional.pad(h, (0, 0, 0, 1))))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_paths_agree_on_a_conv2d_model(steps: int, clip: float | None) -> None:
+    torch.manual_seed(4)
+    model = Rollout(Conv2dStep().double(), horizon=3)
+    emb = MLPEmbedding(36, hidden=8).double()
+    kwargs: dict[str, Any] = {"inner_steps": steps, "inner_lr": 0.3, "max_inner_grad_norm": clip}
+    fast = NoetherWrapper(model, emb, per_sample_path="lowrank", **kwargs)
+    slow = NoetherWrapper(model, emb, per_sample_path="vmap", **kwargs)
+    _assert_agree(fast, slow, torch.randn(3, 1, 6, 6, dtype=torch.float64))
+    auto = NoetherWrapper(model, emb, **kwargs)
+    auto(torch.randn(2, 1, 6, 6, dtype=torch.float64))
+    assert auto.last_path == "vmap"  # convolutions: vmap's grouped-conv batching rule is faster
+
+
+def test_auto_uses_vmap_when_an_unsupported_layer_is_adapted() -> None:
+    torch.manual_seed(3)
+    step = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6)).double()
+    model = Rollout(step, horizon=3)
+    emb = MLPEmbedding(6, hidden=8).double()
+    net = NoetherWrapper(model, emb, inner_lr=0.3)
+    ref = NoetherWrapper(model, emb, inner_lr=0.3, per_sample_path="vmap")
     x = torch.randn(3, 6, dtype=torch.float64)
     out = net(x)
     assert net.last_path == "vmap"
     with pytest.raises(ValueError, match="`per_sample_path='lowrank'`"):
-        NoetherWrapper(net.model, net.embedding, per_sample_path="lowrank")(x)
+        NoetherWrapper(model, emb, per_sample_path="lowrank")(x)
     torch.testing.assert_close(out, ref(x))
+    only_linear = NoetherWrapper(model, emb, inner_lr=0.3, adapt="step.0.*")
+    only_linear(x)
+    assert only_linear.last_path == "lowrank"
 
 
 class FoldsTime(nn.Module):

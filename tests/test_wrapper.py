@@ -290,5 +290,5 @@ def test_inputs_of_the_wrong_dtype_device_or_shape() -> None:
         net(torch.ones(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="`inputs` is on meta"):
         net(torch.empty(2, 2, device="meta", dtype=torch.float64))
-    with pytest.raises(ValueError, match="`inputs` do not fit `model`"):
+    with pytest.raises(ValueError, match="`model` or `embedding` failed on `inputs`"):
         net(torch.randn(2, 3, dtype=torch.float64))
