@@ -217,7 +217,7 @@ def train(
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
-    """SSIM with an 11x11 Gaussian window (sigma 1.5), per image: ``(..., 1, H, W)`` -> ``(...)``."""
+    """SSIM, 11x11 Gaussian window (sigma 1.5), per image: ``(..., 1, H, W)`` -> ``(...)``."""
     coords = torch.arange(11, dtype=a.dtype) - 5
     g1 = torch.exp(-coords.pow(2) / (2 * 1.5**2))
     kernel = (g1[:, None] * g1[None, :] / g1.sum() ** 2)[None, None]

@@ -54,7 +54,7 @@ def supported_layers(model: nn.Module, names: list[str]) -> dict[str, tuple[bool
     for name in names:
         module_name, module, param_name = owners[name]
         linear = type(module) is nn.Linear
-        conv = type(module) in _CONVS and module.groups == 1  # type: ignore[union-attr]
+        conv = type(module) in _CONVS and getattr(module, "groups", 0) == 1
         if not (linear or conv):
             return None
         weight, bias = layers.get(module_name, (False, False))
@@ -196,7 +196,11 @@ class _Conv(_Layer):
         conv = module
         assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
         self.one_d = isinstance(conv, nn.Conv1d)
-        pair = (lambda v: (1, v[0])) if self.one_d else (lambda v: tuple(v))
+        one_d = self.one_d
+
+        def pair(v: Any) -> tuple[int, ...]:
+            return (1, int(v[0])) if one_d else tuple(int(x) for x in v)
+
         self.kernel = pair(conv.kernel_size)
         self.stride = pair(conv.stride)
         self.dilation = pair(conv.dilation)
@@ -261,10 +265,10 @@ class _Conv(_Layer):
         return sq
 
     def step_finite(self) -> Tensor:
-        ok = torch.ones(self.batch, dtype=torch.bool, device=self.module.weight.device)
+        ok = torch.ones(self.batch, dtype=torch.bool)
         for t in (self.dw, self.db):
             if t is not None:
-                ok = ok & torch.isfinite(t).flatten(1).all(1)
+                ok = ok.to(t.device) & torch.isfinite(t).flatten(1).all(1)
         return ok
 
     def apply_step(self, scale: Tensor) -> None:
