@@ -162,8 +162,9 @@ def time_cell(
     table = {n: f for n, f in methods(model, emb, k).items() if n not in skip}
     params = [*model.parameters(), *emb.parameters()]
     times: dict[str, list[float]] = {n: [] for n in table}
-    for fn in table.values():  # warm-up
-        run_once(fn, x, target, train, params)
+    warm = {name: run_once(fn, x, target, train, params) for name, fn in table.items()}
+    budget = 20.0  # seconds per cell, at least 3 repetitions
+    reps = max(3, min(reps, int(budget / max(sum(warm.values()), 1e-9))))
     for _ in range(reps):
         for name, fn in table.items():
             times[name].append(run_once(fn, x, target, train, params))

@@ -357,7 +357,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None, help="number of model seeds (3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--meta-steps", type=int, default=None)
+    parser.add_argument("--meta-steps", type=int, default=None, help="meta-training steps (200)")
+    parser.add_argument(
+        "--inner-lr",
+        type=float,
+        default=1.0,
+        help="initial inner step size; with the 1e-3 gradient clip, every inner "
+        "step moves the weights by inner_lr * 1e-3",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()

@@ -314,27 +314,40 @@ class NoetherWrapper(nn.Module):
             )
 
     def _run(
-        self, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], need_final_loss: bool
+        self,
+        inputs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        need_final_loss: bool,
+        materialise: bool = False,
     ) -> _func.InnerResult:
-        """Run the inner loop on the path that applies, outside inference mode."""
+        """Run the inner loop on the path that applies, outside inference mode.
+
+        ``materialise`` asks for a path that returns the adapted weights (not the low-rank one).
+        """
         if self.per_sample:
             self._check_no_batch_norm_training()
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
                 args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
                 kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-                return self._run_paths(inputs.clone(), args, kwargs, need_final_loss)
-        return self._run_paths(inputs, args, kwargs, need_final_loss)
+                return self._run_paths(inputs.clone(), args, kwargs, need_final_loss, materialise)
+        return self._run_paths(inputs, args, kwargs, need_final_loss, materialise)
 
     def _run_paths(
-        self, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], need_final_loss: bool
+        self,
+        inputs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        need_final_loss: bool,
+        materialise: bool,
     ) -> _func.InnerResult:
         problem = self._problem(need_final_loss)
         selected = set(self.adapted_names())
         params: dict[str, Tensor] = {
             n: p for n, p in self.model.named_parameters() if n in selected
         }
-        run = self._choose_path(list(params))
+        run = self._choose_path(list(params), materialise)
         try:
             try:
                 result = run(problem, params, inputs, args, kwargs)
@@ -345,7 +358,7 @@ class NoetherWrapper(nn.Module):
                         "per_sample_path='auto' or 'vmap'."
                     ) from None
                 self._lowrank_unsupported = True
-                run = self._choose_path(list(params))
+                run = self._choose_path(list(params), materialise)
                 result = run(problem, params, inputs, args, kwargs)
             if not bool(result.ok.all()):
                 result = self._recover(problem, run, params, inputs, args, kwargs, result)
@@ -391,13 +404,8 @@ class NoetherWrapper(nn.Module):
             if not self.per_sample:
                 return base
             return {n: p.expand(inputs.shape[0], *p.shape) for n, p in base.items()}
-        saved = self.per_sample_path
-        self.per_sample_path = "vmap"
-        try:
-            self._check_inputs(inputs)
-            result = self._run(inputs, args, kwargs, need_final_loss=False)
-        finally:
-            self.per_sample_path = saved
+        self._check_inputs(inputs)
+        result = self._run(inputs, args, kwargs, need_final_loss=False, materialise=True)
         assert result.params is not None
         return result.params
 
@@ -435,7 +443,7 @@ class NoetherWrapper(nn.Module):
                 model.get_parameter(name).copy_(value)
         return model
 
-    def _choose_path(self, names: list[str]) -> Callable[..., _func.InnerResult]:
+    def _choose_path(self, names: list[str], materialise: bool) -> Callable[..., _func.InnerResult]:
         """The inner-loop runner for this call; records its name in ``last_path``."""
         if not self.per_sample:
             self.last_path = "shared"
@@ -448,7 +456,7 @@ class NoetherWrapper(nn.Module):
                 )
             self.last_path = "vmap"
             return _func.tailor_per_sample
-        if self.per_sample_path != "vmap" and not self._lowrank_unsupported:
+        if self.per_sample_path != "vmap" and not self._lowrank_unsupported and not materialise:
             layers = _lowrank.supported_layers(self.model, names)
             auto_ok = layers is not None and (
                 self.per_sample_path == "lowrank"

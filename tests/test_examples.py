@@ -111,3 +111,21 @@ def test_ising_generators_conserve_their_quantities() -> None:
     e = ising.energy_per_bond(q2r)
     assert torch.equal(e, e[:, :1].expand_as(e))  # Q2R conserves the Ising energy exactly
     assert bool((q2r[:, 1:] != q2r[:, :-1]).any())
+
+
+def test_video_quick_json(tmp_path: Path) -> None:
+    path = tmp_path / "v.json"
+    out = _run("video.py", "--quick", "--json", str(path), "--plot", str(tmp_path / "v.png"))
+    assert "NaN or blank-frame collapse:" in out  # undertrained at --quick size: only reported
+    report = json.loads(path.read_text())
+    rows = {"vanilla", "control", "noether", "noether_untailored", "oracle"}
+    assert set(report) == {"mse", "mse_last", "mse_std", "ssim", "mse_per_step",
+                           "g_energy_abs_pearson", "g_within_var_frac", "seeds", "seconds"}
+    for key in ("mse", "mse_last", "mse_std", "ssim", "mse_per_step"):
+        assert set(report[key]) == rows, key
+    for row in rows:
+        assert math.isfinite(report["mse"][row]) and report["mse"][row] > 0
+        assert len(report["mse_per_step"][row]) == 10
+        assert -1.0 <= report["ssim"][row] <= 1.0
+    assert 0.0 <= report["g_energy_abs_pearson"] <= 1.0
+    assert (tmp_path / "v.png").stat().st_size > 10_000
