@@ -193,6 +193,11 @@ def mean_spin(s: Tensor) -> Tensor:
     return s.mean(dim=(1, 2, 3))
 
 
+def bond_energy(s: Tensor) -> Tensor:
+    """The oracle g for Q2R: the Ising energy per bond, ``(N, 1, L, L) -> (N,)``."""
+    return energy_per_bond(s.squeeze(1))
+
+
 # --- training ----------------------------------------------------------------------------------
 
 
@@ -256,11 +261,13 @@ def noether(
     )
 
 
-def bias_tailoring(step: nn.Module, horizon: int, inner_lr: float) -> NoetherWrapper:
+def bias_tailoring(
+    step: nn.Module, horizon: int, inner_lr: float, g: Callable[[Tensor], Tensor]
+) -> NoetherWrapper:
     """Test-time only: 10 steps on the output bias, full horizon, oracle g, no meta-training."""
     return NoetherWrapper(
         Rollout(step, horizon=horizon),
-        mean_spin,
+        g,
         inner_steps=10,
         inner_lr=inner_lr,
         adapt="step.net.4.bias",
@@ -340,11 +347,12 @@ def run_seed(
     control_eval = Rollout(control.step, horizon=vanilla.horizon)
     preds["control"] = predict(control_eval, data)
     preds["projection"] = predict(Projected(control_eval), data)
+    conserved = mean_spin if data.dynamics == "kawasaki" else bond_energy
     preds["noether_oracle_bias"] = predict(
-        bias_tailoring(control.step, vanilla.horizon, cfg.bias_lr), data
+        bias_tailoring(control.step, vanilla.horizon, cfg.bias_lr, conserved), data
     )
 
-    oracle = noether(Rollout(copy.deepcopy(control.step), horizon=10), mean_spin, cfg.inner_lr)
+    oracle = noether(Rollout(copy.deepcopy(control.step), horizon=10), conserved, cfg.inner_lr)
     train_rollout(oracle, data, cfg.meta, cfg.batch, gen, f"seed {seed} oracle")
     oracle.model.horizon = vanilla.horizon
     preds["noether_oracle"] = predict(oracle, data)
