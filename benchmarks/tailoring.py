@@ -22,14 +22,16 @@ increase of the resident-set high-water mark over one train step).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import itertools
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -179,7 +181,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 def peak_memory_mb(
     method: str, hidden: int, batch: int, k: int, first_order: bool = False
 ) -> float:
-    """Resident-set high-water-mark increase of one train step, in a fresh process."""
+    """Peak resident-set increase over one train step (after a warm-up), in a fresh process."""
     cmd = [
         sys.executable,
         __file__,
@@ -190,7 +192,9 @@ def peak_memory_mb(
         str(k),
         str(int(first_order)),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # large blocks mmapped and returned on free, so the resident set follows live memory
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -204,11 +208,33 @@ def memory_child(method: str, hidden: int, batch: int, k: int, first_order: bool
         call: Callable[[Tensor, bool], Tensor] = lambda x, train: fn(x)  # noqa: E731
     else:
         call = methods(model, emb, k)[method]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loss = ((call(x, True) - target) ** 2).mean()  # warm-up: allocator pools, lazy inits
+    loss.backward()
+    del loss
+    gc.collect()
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    before = resident()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     loss = ((call(x, True) - target) ** 2).mean()
     loss.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024.0)
+    peak[0] = max(peak[0], resident())
+    done.set()
+    sampler.join()
+    print((peak[0] - before) / 2**20)
 
 
 def main() -> None:
@@ -217,6 +243,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--memory-child", nargs=5, default=None, help=argparse.SUPPRESS)
@@ -228,6 +255,8 @@ def main() -> None:
     warnings_off()
     torch.set_num_threads(args.threads)
     grid = [(32, 8, 1)] if args.quick else list(itertools.product((128, 512), (16, 256), (1, 3)))
+    if args.no_timing:
+        grid = []
     reps = args.reps or (2 if args.quick else 7)
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
@@ -293,7 +322,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
-    if args.plot:
+    if args.plot and results:
         plot(results, args.plot)
 
 

@@ -56,6 +56,13 @@ class InnerProblem:
     max_grad_norm: float | None
     need_final_loss: bool
     step_index: int = 0
+
+    @property
+    def keeps_graphs(self) -> bool:
+        """Whether the inner rollouts' graphs must outlive their inner gradient: for the second
+        order, and for ``initial``/``losses`` that the caller may differentiate (info,
+        keep_if_better). Otherwise each is freed at once, so first-order memory is flat in k."""
+        return self.create_graph or (self.differentiable and self.need_final_loss)
     #: True once the first rollout and its inner gradient went through (for error messages).
     started: bool = False
 
@@ -192,7 +199,7 @@ def tailor_shared(
                 loss.mean(),
                 list(current.values()),
                 create_graph=problem.create_graph,
-                retain_graph=problem.differentiable,
+                retain_graph=problem.keeps_graphs,
             )
         return dict(zip(current, grads)), output, loss
 

@@ -336,7 +336,7 @@ def tailor_lowrank(
                     loss.sum(),
                     flat_outputs,
                     create_graph=problem.create_graph,
-                    retain_graph=problem.differentiable,
+                    retain_graph=problem.keeps_graphs,
                     allow_unused=True,
                 )
             problem.started = True
