@@ -357,7 +357,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None, help="number of model seeds (3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--meta-steps", type=int, default=None, help="meta-training steps (200)")
+    parser.add_argument("--meta-steps", type=int, default=None, help="meta-training steps (300)")
     parser.add_argument(
         "--inner-lr",
         type=float,
@@ -382,7 +382,7 @@ def main() -> None:
         batch=16,
         lr=1e-3,
         g_lr=1e-4,
-        inner_lr=1.0,
+        inner_lr=args.inner_lr,
         inner_clip=1e-3,
     )
     n_seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
