@@ -100,6 +100,7 @@ def test_ising_generators_conserve_their_quantities() -> None:
     spec = importlib.util.spec_from_file_location("ising_example", EXAMPLES / "ising.py")
     assert spec is not None and spec.loader is not None
     ising = importlib.util.module_from_spec(spec)
+    sys.modules["ising_example"] = ising  # dataclasses look their module up there
     spec.loader.exec_module(ising)
     gen = torch.Generator().manual_seed(0)
     x0 = ising.initial_states(16, 8, 0.1, 0.9, gen)
