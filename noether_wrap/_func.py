@@ -63,6 +63,7 @@ class InnerProblem:
         order, and for ``initial``/``losses`` that the caller may differentiate (info,
         keep_if_better). Otherwise each is freed at once, so first-order memory is flat in k."""
         return self.create_graph or (self.differentiable and self.need_final_loss)
+
     #: True once the first rollout and its inner gradient went through (for error messages).
     started: bool = False
 
@@ -122,6 +123,29 @@ def _clip(grads: Params, max_norm: float) -> Params:
     return {n: g * scale for n, g in grads.items()}
 
 
+def final_prediction(
+    problem: InnerProblem,
+    params: Params,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> tuple[Tensor, Tensor | None]:
+    """The prediction with ``params`` and, where the caller needs it, the Noether loss after the
+    last step (one rollout serves both when there is no ``predict``)."""
+    rollout = None
+    if problem.predict is None or problem.need_final_loss:
+        rollout = problem.rollout(params, inputs, args, kwargs)
+    if problem.predict is None:
+        assert rollout is not None
+        prediction = rollout
+    else:
+        prediction = problem.prediction(params, inputs, args, kwargs)
+    final_loss = (
+        problem.loss(inputs, rollout) if rollout is not None and problem.need_final_loss else None
+    )
+    return prediction, final_loss
+
+
 def inner_loop(
     problem: InnerProblem,
     params: Params,
@@ -154,19 +178,12 @@ def inner_loop(
         params = fresh({n: p - problem.lr * grads[n] for n, p in params.items()})
     problem.step_index = problem.steps
     assert initial is not None
-    final_output = None
-    if problem.predict is None or problem.need_final_loss:
-        final_output = problem.rollout(params, inputs, args, kwargs)
-    if problem.predict is None:
-        assert final_output is not None
-        prediction = final_output
-    else:
-        prediction = problem.prediction(params, inputs, args, kwargs)
+    prediction, final_loss = final_prediction(problem, params, inputs, args, kwargs)
+    if problem.predict is not None:
         initial = problem.prediction(start, inputs, args, kwargs)
-    if problem.need_final_loss:
-        assert final_output is not None
-        losses.append(problem.loss(inputs, final_output))
-        ok = ok & torch.isfinite(losses[-1]).all()
+    if final_loss is not None:
+        losses.append(final_loss)
+        ok = ok & torch.isfinite(final_loss).all()
     ok = ok & torch.isfinite(prediction).all()
     return InnerResult(prediction, initial, torch.stack(losses, dim=-1), ok, params)
 

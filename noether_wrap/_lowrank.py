@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from noether_wrap._func import InnerProblem, InnerResult
+from noether_wrap._func import InnerProblem, InnerResult, final_prediction
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
@@ -364,18 +364,10 @@ def tailor_lowrank(
                 layer.apply_step(scale)
         problem.step_index = problem.steps
         assert initial is not None
-        final_output = None
-        if problem.predict is None or problem.need_final_loss:
-            final_output = problem.rollout(empty, inputs, args, kwargs)
-        if problem.predict is None:
-            assert final_output is not None
-            prediction = final_output
-        else:
-            prediction = problem.prediction(empty, inputs, args, kwargs)
-        if problem.need_final_loss:
-            assert final_output is not None
-            losses.append(problem.loss(inputs, final_output))
-            ok = ok & torch.isfinite(losses[-1])
+        prediction, final_loss = final_prediction(problem, empty, inputs, args, kwargs)
+        if final_loss is not None:
+            losses.append(final_loss)
+            ok = ok & torch.isfinite(final_loss)
     if problem.predict is not None:
         initial = problem.prediction(empty, inputs, args, kwargs)
     ok = ok & torch.isfinite(prediction).flatten(1).all(1)
