@@ -120,8 +120,17 @@ def test_video_quick_json(tmp_path: Path) -> None:
     assert "NaN or blank-frame collapse:" in out  # undertrained at --quick size: only reported
     report = json.loads(path.read_text())
     rows = {"vanilla", "control", "noether", "noether_untailored", "oracle"}
-    assert set(report) == {"mse", "mse_last", "mse_std", "ssim", "mse_per_step",
-                           "g_energy_abs_pearson", "g_within_var_frac", "seeds", "seconds"}
+    assert set(report) == {
+        "mse",
+        "mse_last",
+        "mse_std",
+        "ssim",
+        "mse_per_step",
+        "g_energy_abs_pearson",
+        "g_within_var_frac",
+        "seeds",
+        "seconds",
+    }
     for key in ("mse", "mse_last", "mse_std", "ssim", "mse_per_step"):
         assert set(report[key]) == rows, key
     for row in rows:
