@@ -29,7 +29,7 @@ PredictFn = Callable[..., Tensor]
 _NORM_EPS = 1e-12
 
 
-class _Bound(nn.Module):
+class Bound(nn.Module):
     """Calls ``fn(model, ...)`` so that ``functional_call`` can swap the model's parameters."""
 
     def __init__(self, model: nn.Module, fn: PredictFn) -> None:
@@ -46,7 +46,7 @@ class InnerProblem:
     """What one forward pass's inner loop needs; built fresh by the wrapper for every call."""
 
     model: nn.Module
-    predict: _Bound | None
+    predict: Bound | None
     buffers: Params
     loss: LossFn
     steps: int

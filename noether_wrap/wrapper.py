@@ -539,7 +539,7 @@ class NoetherWrapper(nn.Module):
             lr = lr.detach()
         return _func.InnerProblem(
             model=self.model,
-            predict=None if self.predict is None else _func._Bound(self.model, self.predict),
+            predict=None if self.predict is None else _func.Bound(self.model, self.predict),
             buffers=buffers,
             loss=self._loss,
             steps=self.inner_steps,
