@@ -211,9 +211,16 @@ def train(
             loss = nn.functional.mse_loss(net(clip[:, :OBSERVED]), clip[:, OBSERVED:])
         opt.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        norm = nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        if not torch.isfinite(norm):  # an exploding outer gradient: skip the step, say so
+            skipped[desc] = skipped.get(desc, 0) + 1
+            continue
         opt.step()
     return (time.perf_counter() - start) / max(steps, 1)
+
+
+#: Training steps skipped for a non-finite outer gradient, by run.
+skipped: dict[str, int] = {}
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
@@ -387,7 +394,14 @@ def main() -> None:
     )
     n_seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
     seeds = list(range(args.seed, args.seed + n_seeds))
-    results = [run_seed(s, train_clips, test_clips, cfg) for s in seeds]
+    results = []
+    for s in seeds:
+        results.append(run_seed(s, train_clips, test_clips, cfg))
+        m = results[-1]["metrics"]
+        print(
+            f"seed {s}: last-step MSE " + ", ".join(f"{r} {m[r]['mse_last']:.5f}" for r in ROWS),
+            flush=True,
+        )
 
     def per(row: str, key: str) -> list[float]:
         return [r["metrics"][row][key] for r in results]
@@ -395,7 +409,7 @@ def main() -> None:
     report = {
         "mse": {row: statistics.fmean(per(row, "mse")) for row in ROWS},
         "mse_last": {row: statistics.fmean(per(row, "mse_last")) for row in ROWS},
-        "mse_std": {row: statistics.pstdev(per(row, "mse")) for row in ROWS},
+        "mse_std": {row: float(torch.tensor(per(row, "mse")).std(unbiased=False)) for row in ROWS},
         "ssim": {row: statistics.fmean(per(row, "ssim")) for row in ROWS},
         "mse_per_step": {
             row: torch.tensor([r["metrics"][row]["mse_per_step"] for r in results]).mean(0).tolist()
@@ -431,6 +445,10 @@ def main() -> None:
         if not r["metrics"][row]["finite"] or r["metrics"][row]["blank"]
     ]
     print("NaN or blank-frame collapse: " + (", ".join(sorted(set(bad))) or "none"))
+    print(
+        "training steps skipped for a non-finite gradient: "
+        + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none")
+    )
     print(
         f"learned g: |r(g, E)| {report['g_energy_abs_pearson']:.3f}, within-clip variance "
         f"fraction {report['g_within_var_frac']:.3f}; learned step size "
