@@ -8,6 +8,9 @@ Two paths run the same inner loop (:func:`inner_loop`):
   the whole batch takes one step (the paper's code);
 * per-sample: ``torch.func.vmap`` over ``torch.func.grad``, so every sequence takes its own step
   and its prediction does not depend on the rest of the batch.
+
+The third path, exact per-sample steps without weight copies for linear and conv layers, lives in
+:mod:`noether_wrap._lowrank` and shares :class:`InnerProblem` and :func:`final_prediction`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class InnerProblem:
     max_grad_norm: float | None
     need_final_loss: bool
     step_index: int = 0
+    #: True once the first rollout and its inner gradient went through (for error messages).
+    started: bool = False
 
     @property
     def keeps_graphs(self) -> bool:
@@ -63,9 +68,6 @@ class InnerProblem:
         order, and for ``initial``/``losses`` that the caller may differentiate (info,
         keep_if_better). Otherwise each is freed at once, so first-order memory is flat in k."""
         return self.create_graph or (self.differentiable and self.need_final_loss)
-
-    #: True once the first rollout and its inner gradient went through (for error messages).
-    started: bool = False
 
     def rollout(
         self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]
