@@ -36,7 +36,7 @@ from tqdm import tqdm
 from noether_wrap import NoetherWrapper, Rollout
 from noether_wrap.embeddings import ConvEmbedding
 
-SIZE, OBSERVED, HORIZON, DT, K_SPRING, SIGMA = 32, 2, 10, 0.25, 1.0, 1.6
+SIZE, OBSERVED, HORIZON, DT, K_SPRING, SIGMA = 32, 2, 10, 0.15, 1.0, 3.0
 ROWS = ["vanilla", "control", "noether", "noether_untailored", "oracle"]
 
 
