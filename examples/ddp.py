@@ -74,10 +74,14 @@ def main() -> None:
     mine = slice(rank * share, (rank + 1) * share)
     train(ddp, x0[mine], target[mine], args.steps)
     if rank == 0:
-        loss = float(((net(x0) - target) ** 2).mean())
+        with torch.no_grad():
+            loss = float(((net(x0) - target) ** 2).mean())
         print(f"world {world}: trained {args.steps} steps, loss on the whole batch {loss:.5f}")
         if args.save:
             torch.save(net.state_dict(), args.save)
+    # every rank waits for rank 0's report: a rank that tears gloo down while its peer still
+    # holds the connection aborts ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
