@@ -15,6 +15,7 @@ The third path, exact per-sample steps without weight copies for linear and conv
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -28,8 +29,6 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``(model, inputs, *args, **kwargs) -> prediction``.
 PredictFn = Callable[..., Tensor]
-
-_NORM_EPS = 1e-12
 
 
 class Bound(nn.Module):
@@ -50,6 +49,7 @@ class InnerProblem:
 
     model: nn.Module
     predict: Bound | None
+    #: The model's own buffers; every rollout runs on fresh clones of them (see :meth:`rollout`).
     buffers: Params
     loss: LossFn
     steps: int
@@ -61,6 +61,9 @@ class InnerProblem:
     step_index: int = 0
     #: True once the first rollout and its inner gradient went through (for error messages).
     started: bool = False
+    #: The buffer clones the last prediction pass ran on, as that pass left them (BatchNorm
+    #: running statistics in training mode): what one unwrapped forward would have written.
+    final_buffers: Params | None = None
 
     @property
     def keeps_graphs(self) -> bool:
@@ -69,29 +72,44 @@ class InnerProblem:
         keep_if_better). Otherwise each is freed at once, so first-order memory is flat in k."""
         return self.create_graph or (self.differentiable and self.need_final_loss)
 
+    def fresh_buffers(self) -> Params:
+        """Clones of the model's buffers: every pass starts from the model's state, and what a
+        pass writes into them (running statistics, counters) never reaches the model."""
+        return {n: b.clone() for n, b in self.buffers.items()}
+
     def rollout(
-        self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self,
+        params: Params,
+        inputs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        buffers: Params | None = None,
     ) -> Tensor:
         """The wrapped model's output with ``params`` swapped in."""
-        out: Tensor = functional_call(
-            self.model, (params, self.buffers), (inputs, *args), dict(kwargs)
-        )
+        own = self.fresh_buffers() if buffers is None else buffers
+        out: Tensor = functional_call(self.model, (params, own), (inputs, *args), dict(kwargs))
         return out
 
     def prediction(
-        self, params: Params, inputs: Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self,
+        params: Params,
+        inputs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        buffers: Params | None = None,
     ) -> Tensor:
         """What the wrapper returns for ``params``: ``predict(model, ...)``, else the rollout."""
         if self.predict is None:
-            return self.rollout(params, inputs, args, kwargs)
+            return self.rollout(params, inputs, args, kwargs, buffers)
+        own = self.fresh_buffers() if buffers is None else buffers
         prefixed = {"model." + n: v for n, v in params.items()}
-        prefixed.update({"model." + n: v for n, v in self.buffers.items()})
+        prefixed.update({"model." + n: v for n, v in own.items()})
         out: Tensor = functional_call(self.predict, prefixed, (inputs, *args), dict(kwargs))
         return out
 
 
 class InnerResult(NamedTuple):
-    """``prediction`` and ``initial``: like the model's; ``losses``: ``(batch, k or k + 1)``;
+    """``prediction`` and ``initial``: like the model's; ``losses``: ``(batch, k + 1)``;
     ``ok``: ``(batch,)`` bool, False where an inner step produced a non-finite value;
     ``params``: the adapted parameters where the path materialises them (leading batch dim when
     per sample), else None."""
@@ -120,9 +138,17 @@ def _all_finite(tensors: Any) -> Tensor:
 
 
 def _clip(grads: Params, max_norm: float) -> Params:
-    norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))  # type: ignore[arg-type]
-    scale = (max_norm / (norm + _NORM_EPS)).clamp(max=1.0)
+    squared = sum((g * g).sum() for g in grads.values())
+    scale = clip_scale(squared, max_norm)  # type: ignore[arg-type]
     return {n: g * scale for n, g in grads.items()}
+
+
+def clip_scale(squared_norm: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / norm)`` from the squared gradient norm, with a finite derivative
+    everywhere: below ``max_norm`` the scale is the constant 1, so the square root is never
+    differentiated at 0 (an exactly zero inner gradient is common: a zero-initialised residual
+    branch, an all-zero padded sequence, a saturated embedding)."""
+    return max_norm * torch.rsqrt(squared_norm.clamp(min=max_norm**2))
 
 
 def final_prediction(
@@ -131,20 +157,21 @@ def final_prediction(
     inputs: Tensor,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
-) -> tuple[Tensor, Tensor | None]:
-    """The prediction with ``params`` and, where the caller needs it, the Noether loss after the
-    last step (one rollout serves both when there is no ``predict``)."""
-    rollout = None
-    if problem.predict is None or problem.need_final_loss:
-        rollout = problem.rollout(params, inputs, args, kwargs)
-    if problem.predict is None:
-        assert rollout is not None
-        prediction = rollout
-    else:
-        prediction = problem.prediction(params, inputs, args, kwargs)
-    final_loss = (
-        problem.loss(inputs, rollout) if rollout is not None and problem.need_final_loss else None
-    )
+) -> tuple[Tensor, Tensor]:
+    """The prediction with ``params`` and the Noether loss after the last step.
+
+    The final loss is always computed, so that every call notices a step that blew up (and
+    ``net(x)`` agrees with ``net(x, return_info=True).prediction``); it carries a graph only
+    where the caller needs it. One rollout serves both when there is no ``predict``.
+    """
+    buffers = problem.fresh_buffers()
+    problem.final_buffers = buffers
+    prediction = problem.prediction(params, inputs, args, kwargs, buffers)
+    with contextlib.nullcontext() if problem.need_final_loss else torch.no_grad():
+        rollout = prediction if problem.predict is None else None
+        if rollout is None:
+            rollout = problem.rollout(params, inputs, args, kwargs)
+        final_loss = problem.loss(inputs, rollout)
     return prediction, final_loss
 
 
@@ -180,13 +207,11 @@ def inner_loop(
         params = fresh({n: p - problem.lr * grads[n] for n, p in params.items()})
     problem.step_index = problem.steps
     assert initial is not None
-    prediction, final_loss = final_prediction(problem, params, inputs, args, kwargs)
     if problem.predict is not None:
         initial = problem.prediction(start, inputs, args, kwargs)
-    if final_loss is not None:
-        losses.append(final_loss)
-        ok = ok & torch.isfinite(final_loss).all()
-    ok = ok & torch.isfinite(prediction).all()
+    prediction, final_loss = final_prediction(problem, params, inputs, args, kwargs)
+    losses.append(final_loss)
+    ok = ok & torch.isfinite(final_loss).all() & torch.isfinite(prediction).all()
     return InnerResult(prediction, initial, torch.stack(losses, dim=-1), ok, params)
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from noether_wrap._func import InnerProblem, InnerResult, final_prediction
+from noether_wrap._func import InnerProblem, InnerResult, clip_scale, final_prediction
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
@@ -87,7 +87,7 @@ class _Layer:
         a = self.prepare_input(a)
         correction = self.correction(a)
         if correction is not None:
-            out = out + correction.reshape(out.shape)
+            out = self.add_correction(out, correction)
         if self.recording:
             if not out.requires_grad:
                 out = out.detach().requires_grad_()
@@ -104,6 +104,10 @@ class _Layer:
         raise NotImplementedError
 
     def correction(self, a: Tensor) -> Tensor | None:
+        raise NotImplementedError
+
+    def add_correction(self, out: Tensor, correction: Tensor) -> Tensor:
+        """``out`` plus the adapted weights' correction (which may broadcast: a bias alone)."""
         raise NotImplementedError
 
     def step_gradient(self, deltas: list[Tensor], inputs: list[Tensor], steps: int) -> Tensor:
@@ -136,6 +140,10 @@ class _Linear(_Layer):
 
     def prepare_input(self, a: Tensor) -> Tensor:
         return a.reshape(self.batch, -1, a.shape[-1])
+
+    def add_correction(self, out: Tensor, correction: Tensor) -> Tensor:
+        # correction: (batch, uses or 1, d_out); out: (batch, ..., d_out)
+        return (out.reshape(self.batch, -1, out.shape[-1]) + correction).reshape(out.shape)
 
     def correction(self, a: Tensor) -> Tensor | None:
         result: Tensor | None = None
@@ -198,14 +206,16 @@ class _Conv(_Layer):
         self.one_d = isinstance(conv, nn.Conv1d)
         one_d = self.one_d
 
-        def pair(v: Any) -> tuple[int, ...]:
-            return (1, int(v[0])) if one_d else tuple(int(x) for x in v)
+        def pair(v: Any, height: int) -> tuple[int, ...]:
+            """Conv2d's (height, width) for a Conv1d value, whose height-1 axis takes
+            ``height`` (1 for kernel, stride and dilation; 0 for padding)."""
+            return (height, int(v[0])) if one_d else tuple(int(x) for x in v)
 
-        self.kernel = pair(conv.kernel_size)
-        self.stride = pair(conv.stride)
-        self.dilation = pair(conv.dilation)
+        self.kernel = pair(conv.kernel_size, 1)
+        self.stride = pair(conv.stride, 1)
+        self.dilation = pair(conv.dilation, 1)
         if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-            self.padding = pair(conv.padding)
+            self.padding = pair(conv.padding, 0)
             self.pad: tuple[int, ...] | None = None
         else:
             if isinstance(conv.padding, str):
@@ -217,6 +227,10 @@ class _Conv(_Layer):
         self.mode = conv.padding_mode
         self.dw: Tensor | None = None  # this step's (batch, out, in * kh * kw)
         self.db: Tensor | None = None  # this step's (batch, out)
+
+    def add_correction(self, out: Tensor, correction: Tensor) -> Tensor:
+        # correction: like out, or (batch, out, 1[, 1]) for a bias alone
+        return out + correction
 
     def prepare_input(self, a: Tensor) -> Tensor:
         a = a.unsqueeze(-2) if self.one_d else a
@@ -359,16 +373,15 @@ def tailor_lowrank(
                 ok = ok & layer.step_finite()
             scale = -problem.lr * torch.ones_like(sq)
             if problem.max_grad_norm is not None:
-                scale = scale * (problem.max_grad_norm / (sq.sqrt() + 1e-12)).clamp(max=1.0)
+                scale = scale * clip_scale(sq, problem.max_grad_norm)
             for layer in layers:
                 layer.apply_step(scale)
         problem.step_index = problem.steps
         assert initial is not None
         prediction, final_loss = final_prediction(problem, empty, inputs, args, kwargs)
-        if final_loss is not None:
-            losses.append(final_loss)
-            ok = ok & torch.isfinite(final_loss)
-    if problem.predict is not None:
+        losses.append(final_loss)
+        ok = ok & torch.isfinite(final_loss)
+    if problem.predict is not None:  # outside the hooks: the untailored prediction
         initial = problem.prediction(empty, inputs, args, kwargs)
     ok = ok & torch.isfinite(prediction).flatten(1).all(1)
     result = InnerResult(prediction, initial, torch.stack(losses, dim=-1), ok)

@@ -10,6 +10,7 @@ from typing import Any, Literal, NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from noether_wrap import _func, _lowrank
@@ -32,6 +33,13 @@ _NONFINITE_WARNING = (
     "NoetherWrapper: an inner step produced non-finite values for {count} of {batch} "
     "sequence(s); they keep their untailored prediction. Consider a smaller `inner_lr`, "
     "`max_inner_grad_norm`, or a shorter `inner_horizon`."
+)
+#: A tailored Noether loss this many times the untailored one counts as a diverged step.
+_DIVERGED = 1e3
+_DIVERGED_WARNING = (
+    "NoetherWrapper: tailoring raised the Noether loss more than 1000-fold for {count} of "
+    "{batch} sequence(s): the inner step diverged (inputs far from the data, or `inner_lr` too "
+    "large). Consider `keep_if_better=True`, `max_inner_grad_norm`, or a smaller `inner_lr`."
 )
 
 
@@ -276,15 +284,10 @@ class NoetherWrapper(nn.Module):
         """
         self._check_inputs(inputs)
         if self.inner_steps == 0:
-            if self.predict is not None:
-                out = self.predict(self.model, inputs, *args, **kwargs)
-            else:
-                out = self.model(inputs, *args, **kwargs)
-            if not return_info:
-                return out
-            rollout = out if self.predict is None else self.model(inputs, *args, **kwargs)
-            return TailorOutput(out, out, self._loss(inputs, rollout).unsqueeze(1))
-        result = self._run(inputs, args, kwargs, need_final_loss=return_info or self.keep_if_better)
+            return self._untailored(inputs, args, kwargs, return_info)
+        result = self._run(
+            inputs, args, kwargs, need_final_loss=return_info or self.keep_if_better, forward=True
+        )
         prediction = result.prediction
         if self.keep_if_better:
             better = result.losses[:, -1] < result.losses[:, 0]
@@ -292,6 +295,54 @@ class NoetherWrapper(nn.Module):
         if return_info:
             return TailorOutput(prediction, result.initial, result.losses)
         return prediction
+
+    def _untailored(
+        self, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], return_info: bool
+    ) -> Tensor | TailorOutput:
+        """``inner_steps == 0``: exactly the model (or ``predict``), called directly."""
+        try:
+            if self.predict is not None:
+                out = self.predict(self.model, inputs, *args, **kwargs)
+            else:
+                out = self.model(inputs, *args, **kwargs)
+        except RuntimeError as error:
+            raise ValueError(
+                f"`model` failed on `inputs` of shape {tuple(inputs.shape)} (inner_steps=0): "
+                f"{error}. Check that the inputs fit the model."
+            ) from error
+        if not return_info:
+            return out
+        if self.predict is None:
+            rollout = out
+        else:  # on clones of the buffers: one call updates running statistics once
+            buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+            rollout = functional_call(self.model, buffers, (inputs, *args), kwargs)
+        return TailorOutput(out, out, self._loss(inputs, rollout).unsqueeze(1))
+
+    def _write_back_buffers(self, final: dict[str, Tensor] | None) -> None:
+        """Give the model the buffers its tailored prediction pass left, as one unwrapped call
+        would have: BatchNorm running statistics in training mode (every other pass of the call
+        ran on clones). Buffers the pass did not change are left alone."""
+        if not final:
+            return
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                value = final.get(name)
+                if value is not None and not torch.equal(value, buffer):
+                    buffer.copy_(value)
+
+    def _warn_if_diverged(self, losses: Tensor) -> None:
+        """Warn when tailoring raised some sequence's Noether loss by more than a factor
+        ``_DIVERGED``: a finite blow-up (e.g. inputs far outside the data) that no
+        non-finite check sees."""
+        first, last = losses[:, 0].detach(), losses[:, -1].detach()
+        grew = last > _DIVERGED * first
+        if bool(grew.any()):
+            warnings.warn(
+                _DIVERGED_WARNING.format(count=int(grew.sum()), batch=losses.shape[0]),
+                RuntimeWarning,
+                stacklevel=7,
+            )
 
     def _check_inputs(self, inputs: object) -> None:
         if not isinstance(inputs, Tensor):
@@ -306,11 +357,19 @@ class NoetherWrapper(nn.Module):
                 f"tensor; got dtype {inputs.dtype}. Pass `reference` if the model reads other "
                 "inputs."
             )
+        if any(size == 0 for size in inputs.shape):
+            raise ValueError(f"`inputs` has an empty axis: shape {tuple(inputs.shape)}.")
         devices = {p.device for p in self.model.parameters()}
         if len(devices) == 1 and inputs.device not in devices:
             raise ValueError(
                 f"`inputs` is on {inputs.device} but the model's parameters are on "
                 f"{devices.pop()}; move one of them."
+            )
+        dtypes = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+        if inputs.is_floating_point() and len(dtypes) == 1 and inputs.dtype not in dtypes:
+            raise ValueError(
+                f"`inputs` has dtype {inputs.dtype} but the model's parameters are "
+                f"{dtypes.pop()}; convert one of them (e.g. `inputs.to(...)` or `model.to(...)`)."
             )
 
     def _run(
@@ -320,10 +379,13 @@ class NoetherWrapper(nn.Module):
         kwargs: dict[str, Any],
         need_final_loss: bool,
         materialise: bool = False,
+        forward: bool = False,
     ) -> _func.InnerResult:
         """Run the inner loop on the path that applies, outside inference mode.
 
-        ``materialise`` asks for a path that returns the adapted weights (not the low-rank one).
+        ``materialise`` asks for a path that returns the adapted weights (not the low-rank one);
+        ``forward`` marks a prediction call, which updates the model's buffers as one unwrapped
+        call would (:meth:`_write_back_buffers`) and warns about diverged steps.
         """
         if self.per_sample:
             self._check_no_batch_norm_training()
@@ -331,8 +393,10 @@ class NoetherWrapper(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
                 kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-                return self._run_paths(inputs.clone(), args, kwargs, need_final_loss, materialise)
-        return self._run_paths(inputs, args, kwargs, need_final_loss, materialise)
+                return self._run_paths(
+                    inputs.clone(), args, kwargs, need_final_loss, materialise, forward
+                )
+        return self._run_paths(inputs, args, kwargs, need_final_loss, materialise, forward)
 
     def _run_paths(
         self,
@@ -341,6 +405,7 @@ class NoetherWrapper(nn.Module):
         kwargs: dict[str, Any],
         need_final_loss: bool,
         materialise: bool,
+        forward: bool,
     ) -> _func.InnerResult:
         problem = self._problem(need_final_loss)
         selected = set(self.adapted_names())
@@ -375,6 +440,9 @@ class NoetherWrapper(nn.Module):
                     "(per_sample_path='vmap')."
                 ) from error
             raise RuntimeError(f"NoetherWrapper: tailoring failed {where}: {error}") from error
+        if forward:
+            self._write_back_buffers(problem.final_buffers)
+            self._warn_if_diverged(result.losses)
         return result
 
     def tailor(self, inputs: Tensor, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -504,12 +572,14 @@ class NoetherWrapper(nn.Module):
         warnings.warn(
             _NONFINITE_WARNING.format(count=int((~ok).sum()), batch=batch),
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=7,
         )
-        initial = problem.prediction(params, inputs, args, kwargs)
+        buffers = problem.fresh_buffers()
+        initial = problem.prediction(params, inputs, args, kwargs, buffers)
         if not problem.differentiable:
             initial = initial.detach()
         if not self.per_sample or not bool(ok.any()):
+            problem.final_buffers = buffers  # the pass whose prediction is returned
             untouched = None if result.params is None else params
             return _func.InnerResult(initial, initial, result.losses.detach(), ok, untouched)
         keep = ok.nonzero().squeeze(1)
@@ -533,7 +603,7 @@ class NoetherWrapper(nn.Module):
 
     def _problem(self, need_final_loss: bool) -> _func.InnerProblem:
         differentiable = torch.is_grad_enabled()
-        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        buffers = dict(self.model.named_buffers())
         lr = self.log_inner_lr.exp()
         if not differentiable:
             lr = lr.detach()

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 from noether_wrap import NoetherWrapper, Rollout
 from noether_wrap.embeddings import MLPEmbedding
+
+# "ci" keeps every property test under a minute in CI; "fuzz" is the long run behind the
+# closing notes (HYPOTHESIS_PROFILE=fuzz). Tests with their own @settings keep their counts.
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "fuzz", max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)

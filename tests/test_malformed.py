@@ -74,10 +74,12 @@ def test_wrapper_on_malformed_inputs(
     except (ValueError, TypeError) as error:
         assert "`" in str(error), str(error)  # names the argument
     else:
-        good = x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
-        assert good and x.shape[0] > 0 and x.shape[1] == 3
-        assert out.shape == (x.shape[0], 3, 3)
-        finite_rows = torch.isfinite(x).all(dim=1)
+        # a state of any shape whose last axis has the 3 features the model reads: (batch, 3),
+        # or e.g. (batch, 1, 3), which the rollout keeps as the state shape (1, 3)
+        good = x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2
+        assert good and x.shape[0] > 0 and x.shape[-1] == 3
+        assert out.shape == (x.shape[0], 3, *x.shape[1:])
+        finite_rows = torch.isfinite(x).flatten(1).all(dim=1)
         assert torch.isfinite(out[finite_rows]).all()
         if per_sample and not bool(finite_rows.all()):  # bad rows are returned untailored
             torch.testing.assert_close(

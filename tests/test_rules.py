@@ -51,11 +51,12 @@ class _BNStep(nn.Module):
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("per_sample", [True, False])
 def test_rule2_forward_never_changes_model_state(train: bool, per_sample: bool) -> None:
+    """Parameters never change; buffers only as one unwrapped call in the same mode would change
+    them (below), so in eval mode, and with BatchNorm in eval mode, nothing changes at all."""
     model = Rollout(_BNStep(), horizon=3)
     net = NoetherWrapper(model, MLPEmbedding(3), inner_steps=2, inner_lr=0.5, per_sample=per_sample)
     net.train(train)
-    if per_sample and train:
-        model.step.bn.eval()  # BatchNorm must use running stats to tailor per sample (rule 9)
+    model.step.bn.eval()  # running statistics: see the next test
     before = _snapshot(net)
     out = net(torch.randn(6, 3))
     out.pow(2).sum().backward()  # backward must not write state either
@@ -64,6 +65,28 @@ def test_rule2_forward_never_changes_model_state(train: bool, per_sample: bool) 
     for key in before:
         assert torch.equal(before[key], after[key]), key
     assert not torch.equal(out, model(torch.zeros(6, 3)))
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2])
+def test_rule2_batch_norm_statistics_update_as_one_unwrapped_call(steps: int) -> None:
+    """BatchNorm in training mode (shared step): the running statistics move exactly as one call
+    of the model with the tailored weights would move them, for every k (k = 0 included)."""
+    torch.manual_seed(0)
+    model = Rollout(_BNStep(), horizon=3)
+    net = NoetherWrapper(model, MLPEmbedding(3), inner_steps=steps, inner_lr=0.5, per_sample=False)
+    x = torch.randn(6, 3)
+    twin = net.tailored_model(x)  # a copy with the tailored weights and the buffers as they are
+    params_before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    out = net(x)
+    torch.testing.assert_close(out, twin(x))  # the twin's call updates its own statistics once
+    for name, value in twin.named_buffers():
+        torch.testing.assert_close(model.get_buffer(name), value, rtol=0, atol=0)
+    assert int(model.step.bn.num_batches_tracked) == 3  # once per rollout step, as unwrapped
+    for name, p in net.named_parameters():
+        assert torch.equal(p, params_before[name]), name
+    info = net(x, return_info=True)  # return_info adds no second update
+    assert int(model.step.bn.num_batches_tracked) == 6
+    assert info.noether_losses.shape == (6, steps + 1)
 
 
 # Rule 3 ---------------------------------------------------------------------------------------

@@ -1,0 +1,205 @@
+"""Regression tests for the defects a combination fuzz found, each from its reproducer."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from noether_wrap import NoetherWrapper, Rollout
+from noether_wrap.embeddings import MLPEmbedding
+
+PATHS = [("lowrank", True), ("vmap", True), ("auto", False)]  # (per_sample_path, per_sample)
+
+
+class _Residual(nn.Module):
+    """``x + f(x)`` with ``f``'s last layer zero-initialised: the identity at init."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+        nn.init.zeros_(self.f[2].weight)
+        nn.init.zeros_(self.f[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = x + self.f(x)
+        return out
+
+
+def _all_grads_finite(net: nn.Module) -> bool:
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    return bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+# 1. clipping a zero inner gradient --------------------------------------------------------
+
+
+@pytest.mark.parametrize("path,per_sample", PATHS)
+def test_clipping_a_zero_inner_gradient_gives_finite_outer_gradients(
+    path: str, per_sample: bool
+) -> None:
+    torch.manual_seed(0)
+    net = NoetherWrapper(
+        Rollout(_Residual().double(), 5),
+        MLPEmbedding(2).double(),
+        inner_lr=0.1,
+        max_inner_grad_norm=1.0,
+        per_sample=per_sample,
+        per_sample_path=path,
+    )
+    (net(torch.randn(4, 2, dtype=torch.float64)) - 1).pow(2).mean().backward()
+    assert _all_grads_finite(net)
+    assert net.model.step.f[2].weight.grad.abs().sum() > 0  # the outer gradient still flows
+
+
+@pytest.mark.parametrize("path,per_sample", PATHS)
+def test_one_all_zero_sequence_does_not_poison_the_batch(path: str, per_sample: bool) -> None:
+    torch.manual_seed(0)
+    step = nn.Sequential(nn.Linear(2, 8, bias=False), nn.Tanh(), nn.Linear(8, 2, bias=False))
+    net = NoetherWrapper(
+        Rollout(step.double(), 4),
+        MLPEmbedding(2).double(),
+        inner_lr=0.1,
+        max_inner_grad_norm=0.5,
+        per_sample=per_sample,
+        per_sample_path=path,
+    )
+    x = torch.randn(3, 2, dtype=torch.float64)
+    x[1] = 0.0  # a padded sequence: a bias-free model keeps it at 0, so its gradient is 0
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    (net(x) - 1).pow(2).mean().backward()
+    assert _all_grads_finite(net)
+    opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+@pytest.mark.parametrize("path,per_sample", PATHS)
+def test_cosine_distance_with_a_scalar_embedding_and_clipping(path: str, per_sample: bool) -> None:
+    torch.manual_seed(0)
+    net = NoetherWrapper(
+        Rollout(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double(), 4),
+        MLPEmbedding(2, out_features=1).double(),
+        distance="cosine",
+        max_inner_grad_norm=1.0,
+        per_sample=per_sample,
+        per_sample_path=path,
+    )
+    net(torch.randn(3, 2, dtype=torch.float64)).pow(2).mean().backward()
+    assert _all_grads_finite(net)
+
+
+def test_clipping_below_the_threshold_is_the_identity_and_above_scales_to_it() -> None:
+    from noether_wrap._func import clip_scale
+
+    sq = torch.tensor([0.0, 0.25, 1.0, 4.0, 100.0], dtype=torch.float64, requires_grad=True)
+    scale = clip_scale(sq, 1.0)
+    torch.testing.assert_close(scale.detach(), torch.tensor([1.0, 1.0, 1.0, 0.5, 0.1]).double())
+    (grad,) = torch.autograd.grad(scale.sum(), sq)
+    assert torch.isfinite(grad).all() and grad[0] == 0
+
+
+# 2. net(x) and return_info agree when the final loss overflows ------------------------------
+
+
+@pytest.mark.parametrize("path,per_sample", PATHS)
+def test_plain_call_and_return_info_agree_when_the_final_loss_overflows(
+    path: str, per_sample: bool
+) -> None:
+    torch.manual_seed(0)
+    net = NoetherWrapper(
+        Rollout(nn.Linear(2, 2), 5),
+        lambda s: s.pow(2).sum(-1),
+        inner_steps=3,
+        inner_lr=0.3,
+        per_sample=per_sample,
+        per_sample_path=path,
+    )
+    x = torch.randn(4, 2)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        plain = net(x)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        info = net(x, return_info=True)
+    torch.testing.assert_close(plain, info.prediction, rtol=0, atol=0)
+    assert float(plain.abs().max()) < 1e3  # the blown-up sequences got their untailored values
+
+
+def test_a_finite_blow_up_warns() -> None:
+    torch.manual_seed(0)
+    step = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    net = NoetherWrapper(Rollout(step, 5), lambda s: s.pow(2).sum(-1), inner_lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(torch.randn(4, 2, dtype=torch.float64))  # an ordinary call: no warning
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        net(torch.full((2, 2), 1e30, dtype=torch.float64))
+
+
+# 3. and 4. the low-rank conv path: every padding, dilation and stride; bias alone ----------
+
+
+def _conv_step(kind: type[nn.Module], mode: str, padding: int, dilation: int, stride: int):  # type: ignore[no-untyped-def]
+    kernel = 1 if padding == 0 else 3
+    conv = kind(2, 2, kernel, padding=padding, dilation=dilation, padding_mode=mode, stride=stride)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.mul_(0.5)
+    if stride == 1:
+        return conv.double()
+    return nn.Sequential(conv, nn.Upsample(scale_factor=stride)).double()
+
+
+@pytest.mark.parametrize("kind,shape", [(nn.Conv1d, (3, 2, 6)), (nn.Conv2d, (3, 2, 6, 6))])
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])
+@pytest.mark.parametrize("padding,dilation,stride", [(0, 1, 1), (1, 1, 1), (2, 2, 1), (1, 1, 2)])
+@pytest.mark.parametrize("adapt", [None, "*bias", "*weight"])
+def test_lowrank_conv_matches_vmap(
+    kind: type[nn.Module],
+    shape: tuple[int, ...],
+    mode: str,
+    padding: int,
+    dilation: int,
+    stride: int,
+    adapt: str | None,
+) -> None:
+    torch.manual_seed(0)
+    step = _conv_step(kind, mode, padding, dilation, stride)
+    x = torch.randn(*shape, dtype=torch.float64)
+    outs = []
+    warnings.simplefilter("error")  # a diverged step would hide a disagreement
+    for path in ("lowrank", "vmap"):
+        net = NoetherWrapper(
+            Rollout(step, 3),
+            lambda s: s.pow(2).flatten(1).mean(-1),
+            inner_steps=2,
+            inner_lr=1e-2,
+            adapt=adapt,
+            per_sample_path=path,
+        )
+        outs.append(net(x))
+        assert net.last_path == path
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+
+
+# 6. errors at inner_steps = 0 as at k >= 1 -------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.randn(3, 2, dtype=torch.float32), "`inputs` has dtype torch.float32"),
+        (torch.randn(3, 5, dtype=torch.float64), "`inputs`"),
+        (torch.randn(3, 0, dtype=torch.float64), "`inputs` has an empty axis"),
+    ],
+)
+def test_bad_inputs_raise_the_same_named_error_for_every_k(
+    steps: int, bad: torch.Tensor, match: str
+) -> None:
+    net = NoetherWrapper(
+        Rollout(nn.Linear(2, 2).double(), 3), MLPEmbedding(2).double(), inner_steps=steps
+    )
+    net(torch.randn(3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=match):
+        net(bad)
