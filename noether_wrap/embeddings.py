@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConvEmbedding", "FeatureLibrary", "MLPEmbedding"]
+from noether_wrap.loss import stack_windows
+
+__all__ = ["ConvEmbedding", "FeatureLibrary", "MLPEmbedding", "Standardized"]
 
 
 class MLPEmbedding(nn.Module):
@@ -341,3 +343,100 @@ class FeatureLibrary(nn.Module):
         if not bool(self.weights.detach().abs().sum() > 0):
             return f"terms={self.terms}, unfitted"
         return f"g = {self.formula()}"
+
+
+class Standardized(nn.Module):
+    """``((g(x) - mean) @ basis) / scale``: an embedding put on a unit scale.
+
+    The Noether loss is quadratic in ``g``, so its gradient, and the step an ``inner_lr`` buys,
+    scale with ``g``'s units. Standardised on the training trajectories, ``g`` has unit spread
+    there whatever it is (a true energy, a fitted formula, a network), and an ``inner_lr`` means
+    "a step per unit of g's spread" for every embedding. :func:`noether_wrap.fit_conserved`
+    returns its result wrapped in this, with a ``basis`` that makes ``m > 1`` outputs
+    uncorrelated on the fit data and sorts them from the most nearly conserved.
+
+    Args:
+        embedding: ``g``, ``(N, *state) -> (N, m)`` or ``(N,)``.
+        mean, scale: shaped like one output of ``g`` (``(m,)``, or ``()`` for a scalar ``g``);
+            kept as buffers, so they travel with ``state_dict``.
+        basis: optional ``(m, m)`` mixing of the centred outputs (applied before ``scale``).
+
+    Shapes:
+        as ``embedding``.
+
+    Example:
+        >>> import torch
+        >>> from noether_wrap.embeddings import Standardized
+        >>> states = torch.randn(4, 10, 2)
+        >>> g = Standardized.fit(lambda s: 100 * s.pow(2).sum(-1), states)
+        >>> round(float(g(states.flatten(0, 1)).std()), 4)
+        1.0
+    """
+
+    mean: Tensor
+    scale: Tensor
+    basis: Tensor | None
+
+    def __init__(
+        self,
+        embedding: nn.Module | Callable[[Tensor], Tensor],
+        mean: Tensor,
+        scale: Tensor,
+        *,
+        basis: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not callable(embedding):
+            raise TypeError(f"`embedding` (type: {type(embedding).__name__}) is not callable.")
+        if not bool((torch.as_tensor(scale) > 0).all()):
+            raise ValueError(f"`scale` must be positive, got {scale!r}.")
+        m = torch.as_tensor(mean).numel()
+        if basis is not None and tuple(basis.shape) != (m, m):
+            raise ValueError(f"`basis` must have shape ({m}, {m}), got {tuple(basis.shape)}.")
+        self.embedding = embedding
+        self.register_buffer("mean", torch.as_tensor(mean).detach().clone())
+        self.register_buffer("scale", torch.as_tensor(scale).detach().clone())
+        self.register_buffer("basis", None if basis is None else basis.detach().clone())
+
+    @classmethod
+    def fit(
+        cls,
+        embedding: nn.Module | Callable[[Tensor], Tensor],
+        trajectories: Tensor | Sequence[Tensor],
+        *,
+        window: int = 1,
+        basis: Tensor | None = None,
+    ) -> Standardized:
+        """Standardise ``embedding`` on every state (window) of ``trajectories``.
+
+        Args:
+            trajectories: ``(n, T, *state)`` or a sequence of ``(T_i, *state)``.
+            window: frames per embedding input.
+            basis: optional ``(m, m)`` mixing of the centred outputs; the scale is measured
+                after it.
+        """
+        trajs = (
+            [trajectories]
+            if isinstance(trajectories, Tensor)
+            else [t.unsqueeze(0) for t in trajectories]
+        )
+        with torch.no_grad():
+            codes = torch.cat(
+                [embedding(stack_windows(t, window).flatten(0, 1)) for t in trajs]
+            )  # (N,) or (N, m)
+        mean = codes.mean(0)
+        centred = codes - mean
+        if basis is not None:
+            centred = centred @ basis.to(centred.dtype)
+        scale = centred.std(0)
+        if not bool((scale > 0).all()):
+            raise ValueError("`embedding` is constant on `trajectories`: it has no spread.")
+        return cls(embedding, mean, scale, basis=basis)
+
+    def forward(self, states: Tensor) -> Tensor:
+        """``(N, *state) -> (N, m)`` or ``(N,)``, as the wrapped embedding."""
+        out: Tensor = self.embedding(states)
+        out = out - self.mean.to(out.dtype)
+        if self.basis is not None:
+            out = out @ self.basis.to(out.dtype)
+        return out / self.scale.to(out.dtype)

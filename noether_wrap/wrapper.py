@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple, Union
 
 import torch
@@ -237,6 +237,24 @@ class NoetherWrapper(nn.Module):
     def inner_lr(self) -> float:
         """The current inner step size, ``exp(log_inner_lr)``."""
         return float(self.log_inner_lr.detach().exp())
+
+    def tailoring_parameters(self) -> Iterator[nn.Parameter]:
+        """The embedding's trainable parameters and the step size (when learned): what
+        meta-training ``g`` with the predictor frozen trains.
+
+        Example:
+            >>> import torch
+            >>> from noether_wrap import NoetherWrapper, Rollout
+            >>> from noether_wrap.embeddings import MLPEmbedding
+            >>> net = NoetherWrapper(Rollout(torch.nn.Linear(2, 2), 3), MLPEmbedding(2))
+            >>> optimizer = torch.optim.Adam(net.tailoring_parameters(), lr=1e-3)
+            >>> len(list(net.tailoring_parameters()))  # g's 6 tensors and log_inner_lr
+            7
+        """
+        if isinstance(self.embedding, nn.Module):
+            yield from (p for p in self.embedding.parameters() if p.requires_grad)
+        if isinstance(self.log_inner_lr, nn.Parameter):
+            yield self.log_inner_lr
 
     def extra_repr(self) -> str:
         return (

@@ -5,14 +5,19 @@ from noether_wrap import embeddings
 def test_public_names_are_pinned() -> None:
     assert noether_wrap.__all__ == sorted(noether_wrap.__all__)
     assert set(noether_wrap.__all__) == {
+        "ConservedFit",
         "NoetherWrapper",
         "Rollout",
         "TailorOutput",
+        "TuneResult",
         "__version__",
+        "conservation_loss",
         "embeddings",
+        "fit_conserved",
         "noether_loss",
+        "tune_inner_lr",
     }
-    assert embeddings.__all__ == ["ConvEmbedding", "FeatureLibrary", "MLPEmbedding"]
+    assert embeddings.__all__ == ["ConvEmbedding", "FeatureLibrary", "MLPEmbedding", "Standardized"]
 
 
 def test_version() -> None:
