@@ -1,57 +1,66 @@
-"""Ideal pendulum: Noether tailoring of a learned vector field, the paper's physics result.
+"""Ideal pendulum: Noether tailoring of a learned vector field, on the paper's protocol.
 
-    python examples/pendulum.py                 # 3 model seeds, about 2 minutes on 2 cores
-    python examples/pendulum.py --quick         # a smoke run for tests
-    python examples/pendulum.py --sweep --plot runs/pendulum.png
-    python examples/pendulum.py --split extrapolate
+    python examples/pendulum.py                       # data seed 0, 2 model seeds, ~2 min
+    python examples/pendulum.py --data-seeds 3 --json runs/pendulum.json
+    python examples/pendulum.py --sampler wide        # more test energies above training's
+    python examples/pendulum.py --test-steps 1,2,4,8  # inference-time compute (docs page)
+    python examples/pendulum.py --quick               # a smoke run for the tests
 
-Data (the standard HNN ideal pendulum, generated here): H(q, p) = 3 (1 - cos q) + p^2, so
-dq/dt = 2p and dp/dt = -3 sin q; 50 trajectories on t in [0, 3] with 45 points, starting at radius
-U[1.3, 2.3] in phase space; observation noise 0.1; targets are the clean derivatives. A 2-200-200-2
-tanh MLP learns the vector field (``vanilla``). The Noether rows tailor the field PER STATE: for a
-state x the inner loss compares g(x) with g(one RK4 step of the field from x), one SGD step on the
-field's weights gives the tailored field f~(x), and the rollout evaluates f~ wherever RK4 needs the
-field. In library terms::
+Data: HNN's ideal pendulum (Greydanus et al. 2019), reproduced exactly: ``np.random.seed(data
+seed)``, then for each of 50 trajectories ``y0 = rand(2) * 2 - 1``, ``radius = rand() + 1.3``,
+``y0 = y0 / |y0| * radius``, ``solve_ivp(rtol=1e-10)`` on t in [0, 3] at 45 points, noise
+``randn(45) * 0.1`` on q then on p; trajectories 0-24 train, 25-49 test. H = 3 (1 - cos q) + p^2.
+The field is HNN's MLP (2-200-200-2, tanh, orthogonal weights, no last-layer bias), trained on
+the noisy states against the clean derivatives (full batch Adam 1e-3, weight decay 1e-4).
+``--sampler wide`` draws the start angle uniformly instead (the extrapolation setting).
 
-    net = NoetherWrapper(Rollout(field, 1, dt=dt, method="rk4"), g, inner_lr=0.1,
-                         learn_inner_lr=False, predict=lambda m, x: m.step(x))
-    tailored_rollout = Rollout(net, horizon=44, dt=dt, method="rk4")
-
-Rows: vanilla; control (vanilla fine-tuned as long as the Noether rows, without tailoring);
-noether_learned (an MLP g learned end to end); noether_formula (a FeatureLibrary fitted in closed
-form on the noisy training trajectories); noether_oracle (g = the true energy).
+Tailoring is PER STATE: for a state x the inner loss compares g(x) with g(one RK4 step of the
+field from x); one SGD step on the field's weights gives the tailored field f~(x), which the RK4
+rollout evaluates wherever it needs the field. Every step size is chosen by ``tune_inner_lr`` on
+a validation split of the TRAINING trajectories (the 5 with the highest observed start energy:
+rollouts from their noisy starts against their noisy states), per row and seed, and the
+``selected`` row is the Noether row with the lowest validation error; the learned g is fitted on
+the other 20 (the formula, 7 weights in closed form, on all 25); the test trajectories only
+score. Rows (docs/pendulum.md explains each):
+vanilla, control (vanilla trained as many more steps as the meta rows, no tailoring),
+testtime_{oracle,formula,learned}, meta_{oracle,formula,learned} (+ _untailored),
+meta_learned_frozen (g and the step meta-trained, field frozen; + _untailored),
+projection_{oracle,formula} (the expert's baseline: project each RK4 step onto the level set).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from noether_wrap import NoetherWrapper, Rollout
-from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+from noether_wrap import NoetherWrapper, Rollout, fit_conserved, tune_inner_lr  # noqa: E402
+from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized  # noqa: E402
 
 TERMS = ["q", "p", "q^2", "p^2", "cos(q)", "sin(q)", "q*p"]
-ROWS = ["vanilla", "control", "noether_learned", "noether_formula", "noether_oracle"]
-BASELINE_ROWS = ["projection_formula", "projection_oracle"]
-NOETHER_ROWS = ROWS[2:]
-SWEEP_LRS = [0.0, 0.01, 0.0316, 0.1, 0.178, 0.316]
+EMBEDDINGS = ("oracle", "formula", "learned")
+CANDIDATES = (0.01, 0.0316, 0.1, 0.316, 1.0)
 T_END, POINTS, NOISE = 3.0, 45, 0.1
+VALIDATION = 5
 
 
 def field_true(x: Tensor) -> Tensor:
     """The ideal pendulum's vector field, ``(N, 2) -> (N, 2)``."""
-    return torch.stack([2.0 * x[:, 1], -3.0 * torch.sin(x[:, 0])], dim=-1)
+    return torch.stack([2.0 * x[..., 1], -3.0 * torch.sin(x[..., 0])], dim=-1)
 
 
 def energy(x: Tensor) -> Tensor:
@@ -61,53 +70,88 @@ def energy(x: Tensor) -> Tensor:
 
 @dataclass
 class Data:
-    clean: Tensor  # (50, 45, 2) float64
-    noisy: Tensor  # (50, 45, 2) float64
-    train: Tensor  # indices of training trajectories
-    test: Tensor  # indices of test trajectories
+    clean: Tensor  # (50, 45, 2) float32
+    noisy: Tensor  # (50, 45, 2) float32
+    train: Tensor  # indices 0-24
+    test: Tensor  # indices 25-49
     dt: float
 
+    @property
+    def validation(self) -> Tensor:
+        """The 5 training trajectories with the highest observed start energy: every step size
+        and the selected row are chosen on their rollouts (the gain is expected above the
+        training range, which these come closest to)."""
+        h = energy(self.noisy[self.train, 0])
+        return self.train[torch.argsort(h, descending=True)[:VALIDATION]]
 
-def make_data(data_seed: int, split: str, trajectories: int = 50, substeps: int = 100) -> Data:
-    """Integrate the pendulum with fine RK4 and add observation noise; split whole trajectories."""
-    gen = torch.Generator().manual_seed(data_seed)
-    radius = 1.3 + torch.rand(trajectories, generator=gen, dtype=torch.float64)
-    angle = 2 * math.pi * torch.rand(trajectories, generator=gen, dtype=torch.float64)
-    x = torch.stack([radius * angle.cos(), radius * angle.sin()], dim=-1)
-    dt = T_END / (POINTS - 1)
-    fine = Rollout(_TrueField(), horizon=substeps, dt=dt / substeps, method="rk4")
-    states = [x]
-    for _ in range(POINTS - 1):
-        x = fine(x)[:, -1]
-        states.append(x)
-    clean = torch.stack(states, dim=1)
-    noisy = clean + NOISE * torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+    @property
+    def fit(self) -> Tensor:
+        """The other 20 training trajectories: what the learned embedding is fitted on."""
+        keep = ~torch.isin(self.train, self.validation)
+        return self.train[keep]
+
+
+def make_data(data_seed: int, sampler: str = "hnn", trajectories: int = 50) -> Data:
+    """HNN's sampler, in its random-number order (``--sampler wide``: a uniform start angle)."""
+    from scipy.integrate import solve_ivp
+
+    def dynamics(_: float, y: np.ndarray) -> np.ndarray:
+        return np.array([2.0 * y[1], -3.0 * np.sin(y[0])])
+
+    np.random.seed(data_seed)
+    t_eval = np.linspace(0.0, T_END, POINTS)
+    clean, noisy = [], []
+    for _ in range(trajectories):
+        if sampler == "hnn":
+            y0 = np.random.rand(2) * 2.0 - 1.0
+        else:
+            angle = np.random.rand() * 2.0 * np.pi
+            y0 = np.array([np.cos(angle), np.sin(angle)])
+        radius = np.random.rand() + 1.3
+        y0 = y0 / np.sqrt((y0**2).sum()) * radius
+        sol = solve_ivp(dynamics, (0.0, T_END), y0, t_eval=t_eval, rtol=1e-10)
+        q, p = sol.y[0], sol.y[1]
+        clean.append(np.stack([q, p], -1))
+        q = q + np.random.randn(*q.shape) * NOISE
+        p = p + np.random.randn(*p.shape) * NOISE
+        noisy.append(np.stack([q, p], -1))
     half = trajectories // 2
-    if split == "paper":
-        order = torch.arange(trajectories)
-    else:  # extrapolate: train on the lowest energies, test on the highest
-        order = torch.argsort(energy(clean[:, 0]))
-    return Data(clean, noisy, order[:half], order[half:], dt)
-
-
-class _TrueField(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return field_true(x)
-
-
-def make_field(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(2, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 2)
+    return Data(
+        torch.tensor(np.stack(clean), dtype=torch.float32),
+        torch.tensor(np.stack(noisy), dtype=torch.float32),
+        torch.arange(half),
+        torch.arange(half, trajectories),
+        T_END / (POINTS - 1),
     )
 
 
-def fit(module: nn.Module, x: Tensor, target: Tensor, steps: int, desc: str) -> float:
+class _Energy(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return energy(x)
+
+
+def make_field(seed: int) -> nn.Sequential:
+    """HNN's MLP: orthogonal weights, tanh, no bias on the last layer."""
+    torch.manual_seed(seed)
+    layers = [
+        nn.Linear(2, 200),
+        nn.Tanh(),
+        nn.Linear(200, 200),
+        nn.Tanh(),
+        nn.Linear(200, 2, False),
+    ]
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight)
+    return nn.Sequential(*layers)
+
+
+def fit(params: Any, forward: Callable[[], Tensor], target: Tensor, steps: int, desc: str) -> float:
     """Full-batch Adam (lr 1e-3, weight decay 1e-4) on the derivative MSE; seconds per step."""
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
     start = time.perf_counter()
     for _ in tqdm(range(steps), desc=desc, leave=False):
-        loss = nn.functional.mse_loss(module(x), target)
+        loss = nn.functional.mse_loss(forward(), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -119,34 +163,47 @@ def _field_of(rollout: Rollout, x: Tensor) -> Tensor:
 
 
 def tailored_field(
-    field: nn.Module, g: nn.Module, dt: float, inner_lr: float, learn: bool, inner_steps: int
+    field: nn.Module, g: nn.Module, dt: float, lr: float, learn: bool = False
 ) -> NoetherWrapper:
     """The field tailored per state on its own one-step RK4 rollout; returns f~(x)."""
     return NoetherWrapper(
         Rollout(field, 1, dt=dt, method="rk4"),
         g,
-        inner_steps=inner_steps,
-        inner_lr=inner_lr,
+        inner_lr=lr,
         learn_inner_lr=learn,
         predict=_field_of,
     )
 
 
-def rollout_error(field: nn.Module, data: Data) -> tuple[Tensor, Tensor]:
-    """Roll ``field`` out with RK4 from each CLEAN test start; returns predictions ``(n, 44, 2)``
-    and squared errors against the clean truth."""
-    truth = data.clean[data.test].float()
+def rollout(field: nn.Module, starts: Tensor, dt: float) -> Tensor:
+    """RK4 rollouts of 44 steps, ``(n, 2) -> (n, 44, 2)``, without autograd."""
     with torch.no_grad():
-        pred = Rollout(field, POINTS - 1, dt=data.dt, method="rk4")(truth[:, 0])
-    return pred, (pred - truth[:, 1:]) ** 2
+        return Rollout(field, POINTS - 1, dt=dt, method="rk4")(starts)
 
 
-def projected_rollout_error(field: nn.Module, g: nn.Module, data: Data) -> tuple[Tensor, Tensor]:
-    """The expert's baseline: after every RK4 step, three Newton steps put the state back on the
-    level set g(x) = g(x0) of a known conserved quantity."""
-    truth = data.clean[data.test].float()
-    step = Rollout(field, 1, dt=data.dt, method="rk4")
-    x = truth[:, 0]
+def per_sequence_mse(pred: Tensor, truth: Tensor) -> np.ndarray:
+    return ((pred - truth) ** 2).mean(dim=(1, 2)).double().numpy()
+
+
+def tune(net: NoetherWrapper, data: Data, steps: int = 1) -> tuple[float, float]:
+    """``tune_inner_lr`` on the validation trajectories (training data): noisy starts, noisy
+    states; returns the chosen step and its validation MSE."""
+    train = data.noisy[data.validation]
+    net.inner_steps = steps
+    result = tune_inner_lr(
+        net,
+        train[:, 0],
+        train[:, 1:],
+        candidates=CANDIDATES,
+        forward=lambda n, x: rollout(n, x, data.dt),
+    )
+    return result.best, result.losses[result.best]
+
+
+def projected(field: nn.Module, g: nn.Module, starts: Tensor, dt: float) -> Tensor:
+    """The expert's baseline: after every RK4 step, three Newton steps back onto g(x) = g(x0)."""
+    step = Rollout(field, 1, dt=dt, method="rk4")
+    x = starts
     with torch.no_grad():
         level = g(x)
     states = []
@@ -159,323 +216,374 @@ def projected_rollout_error(field: nn.Module, g: nn.Module, data: Data) -> tuple
             (grad,) = torch.autograd.grad(value.sum(), x)
             x = x - ((value - level) / grad.pow(2).sum(-1).clamp_min(1e-8)).unsqueeze(-1) * grad
         states.append(x.detach())
-    pred = torch.stack(states, dim=1)
-    return pred, (pred - truth[:, 1:]) ** 2
-
-
-def energy_range_mask(data: Data) -> Tensor:
-    """True for test trajectories whose energy lies inside the training energy range."""
-    train_e = energy(data.clean[data.train, 0])
-    test_e = energy(data.clean[data.test, 0])
-    return (test_e >= train_e.min()) & (test_e <= train_e.max())
-
-
-def fit_formula(data: Data) -> FeatureLibrary:
-    lib = FeatureLibrary(TERMS, variables=["q", "p"]).fit_conserved(data.noisy[data.train], lag=1)
-    coef = lib.coefficients(scale_to="p^2")
-    return FeatureLibrary(
-        TERMS, variables=["q", "p"], weights=torch.tensor([coef[t] for t in TERMS])
-    )
-
-
-def oracle() -> FeatureLibrary:
-    return FeatureLibrary(
-        TERMS, variables=["q", "p"], weights=torch.tensor([0.0, 0.0, 0.0, 1.0, -3.0, 0.0, 0.0])
-    )
+    return torch.stack(states, dim=1)
 
 
 @dataclass
 class Settings:
-    baseline_steps: int
-    meta_epochs: int
-    inner_steps: int
-    inner_lr: float
-    learn_inner_lr: bool
-    baselines: bool = False
+    vanilla_steps: int
+    meta_steps: int
+    g_steps: int
+    meta: bool
+    test_steps: list[int]
 
 
-def run_seed(
-    seed: int,
-    data: Data,
-    formula: FeatureLibrary,
-    cfg: Settings,
-    lrs: dict[str, float],
-    cache: dict[int, tuple[nn.Module, dict[str, dict[str, Any]]]],
-) -> dict[str, dict[str, Any]]:
-    """Train every row for one model seed; per row: predictions, squared errors, step size.
+def embeddings_for(data: Data, cfg: Settings) -> tuple[dict[str, nn.Module], FeatureLibrary, float]:
+    """The three g's, standardised on the noisy training trajectories; the raw library (for its
+    formula) and the learned g's |r| before fitting.
 
-    ``cache`` keeps each seed's vanilla field and plain rows, so a sweep trains them once.
-    """
-    x = data.noisy[data.train].reshape(-1, 2).float()
-    target = field_true(data.clean[data.train].reshape(-1, 2)).float()
-    if seed not in cache:
-        base = make_field(seed)
-        fit(base, x, target, cfg.baseline_steps, f"seed {seed} vanilla")
-        plain: dict[str, dict[str, Any]] = {}
-        pred, err = rollout_error(base, data)
-        plain["vanilla"] = {"pred": pred, "err": err, "inner_lr": 0.0}
-        control = copy.deepcopy(base)
-        fit(control, x, target, cfg.meta_epochs, f"seed {seed} control")
-        pred, err = rollout_error(control, data)
-        plain["control"] = {"pred": pred, "err": err, "inner_lr": 0.0}
-        if cfg.baselines:
-            for row, g in (("projection_formula", formula), ("projection_oracle", oracle())):
-                pred, err = projected_rollout_error(base, g, data)
-                plain[row] = {"pred": pred, "err": err, "inner_lr": 0.0}
-        cache[seed] = (base, plain)
-    base, plain = cache[seed]
-    out = dict(plain)
-    embeddings = {
-        "noether_learned": lambda: MLPEmbedding(2, hidden=64),
-        "noether_formula": lambda: copy.deepcopy(formula),
-        "noether_oracle": oracle,
-    }
-    for row, make_g in embeddings.items():
-        lr = lrs[row]
-        if lr == 0.0:  # no tailoring at all: the control row
-            out[row] = dict(out["control"])
-            continue
-        torch.manual_seed(seed)
-        net = tailored_field(
-            copy.deepcopy(base), make_g(), data.dt, lr, cfg.learn_inner_lr, cfg.inner_steps
+    The formula is fitted on all 25 training trajectories (7 weights in closed form: scoring it
+    on the 5 validation ones it has seen favours it little); the network only on the 20 others,
+    so that its validation error is out of sample."""
+    library = FeatureLibrary(TERMS, variables=["q", "p"])
+    formula = fit_conserved(library, data.noisy[data.train], progress=False).embedding
+    train = data.noisy[data.fit]
+    torch.manual_seed(0)
+    mlp = MLPEmbedding(2, hidden=64)
+    states = data.clean[data.test].reshape(-1, 2)
+    with torch.no_grad():
+        r_init = protocol.pearson(mlp(states)[:, 0], energy(states))
+    learned = fit_conserved(mlp, train, steps=cfg.g_steps, lr=1e-3, progress=False).embedding
+    oracle = Standardized.fit(_Energy(), train)
+    return {"oracle": oracle, "formula": formula, "learned": learned}, library, r_init
+
+
+def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> dict[str, Any]:
+    """Every row for one model seed: per-sequence test MSEs, chosen steps, validation errors."""
+    x = data.noisy[data.train].reshape(-1, 2)
+    target = field_true(data.clean[data.train].reshape(-1, 2))
+    starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
+    out: dict[str, Any] = {"err": {}, "pred": {}, "lr": {}, "val": {}, "seconds": {}, "g": {}}
+
+    def score(row: str, pred: Tensor) -> None:
+        out["pred"][row] = pred
+        out["err"][row] = per_sequence_mse(pred, truth)
+
+    vanilla = make_field(seed)
+    out["seconds"]["vanilla"] = fit(
+        vanilla.parameters(), lambda: vanilla(x), target, cfg.vanilla_steps, f"seed {seed} vanilla"
+    )
+    score("vanilla", rollout(vanilla, starts, data.dt))
+    control = copy.deepcopy(vanilla)
+    fit(control.parameters(), lambda: control(x), target, cfg.meta_steps, f"seed {seed} control")
+    score("control", rollout(control, starts, data.dt))
+    for name in ("oracle", "formula"):
+        score(f"projection_{name}", projected(vanilla, gs[name], starts, data.dt))
+
+    for name in EMBEDDINGS:
+        net = tailored_field(vanilla, gs[name], data.dt, 0.1)
+        lr, val = tune(net, data)
+        row = f"testtime_{name}"
+        out["lr"][row], out["val"][row] = lr, val
+        score(row, rollout(net, starts, data.dt))
+        if cfg.test_steps:
+            out.setdefault("curve", {})[name] = test_time_curve(net, data, cfg.test_steps)
+
+    if not cfg.meta:
+        return out
+    for name in EMBEDDINGS:  # joint meta-training, as the paper; the step fixed at test time's
+        row = f"meta_{name}"
+        g = copy.deepcopy(gs[name])
+        if name != "learned":
+            g.requires_grad_(False)
+        net = tailored_field(copy.deepcopy(vanilla), g, data.dt, out["lr"][f"testtime_{name}"])
+        out["seconds"][row] = fit(
+            net.parameters(), lambda net=net: net(x), target, cfg.meta_steps, f"seed {seed} {row}"
         )
-        seconds = fit(net, x, target, cfg.meta_epochs, f"seed {seed} {row}")
-        pred, err = rollout_error(net, data)
-        out[row] = {"pred": pred, "err": err, "inner_lr": net.inner_lr, "seconds": seconds}
+        out["lr"][row], out["val"][row] = tune(net, data)
+        score(row, rollout(net, starts, data.dt))
+        score(f"{row}_untailored", rollout(net.model.step, starts, data.dt))
+        if name == "learned":
+            out["g"][row] = net.embedding
+    row = "meta_learned_frozen"  # g and the step only; the field stays vanilla
+    net = tailored_field(
+        vanilla, copy.deepcopy(gs["learned"]), data.dt, out["lr"]["testtime_learned"], learn=True
+    )
+    out["seconds"][row] = fit(
+        list(net.tailoring_parameters()),
+        lambda: net(x),
+        target,
+        cfg.meta_steps,
+        f"seed {seed} {row}",
+    )
+    out["lr"][row], out["val"][row] = tune(net, data)
+    score(row, rollout(net, starts, data.dt))
+    out["g"][row] = net.embedding
     return out
 
 
-def summarise(per_seed: list[dict[str, dict[str, Any]]], data: Data) -> dict[str, Any]:
-    """Mean over seeds of every metric, per row; None where a subset has no trajectory."""
-    inside = energy_range_mask(data)
-    e0 = energy(data.clean[data.test, 0]).float()
-
-    def rmse(err: Tensor, mask: Tensor | None = None) -> float | None:
-        sel = err if mask is None else err[mask]
-        return float(sel.mean().sqrt()) if sel.numel() else None
-
-    def mean(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return statistics.fmean(known) if len(known) == len(values) else None
-
-    keys = (
-        "rmse",
-        "rmse_per_seed",
-        "rmse_in_range",
-        "rmse_out_of_range",
-        "energy_drift",
-        "inner_lr",
-    )
-    result: dict[str, Any] = {k: {} for k in keys}
-    for row in [r for r in ROWS + BASELINE_ROWS if r in per_seed[0]]:
-        runs = [seed_out[row] for seed_out in per_seed]
-        alls = [rmse(r["err"]) for r in runs]
-        result["rmse"][row] = mean(alls)
-        result["rmse_per_seed"][row] = alls
-        result["rmse_in_range"][row] = mean([rmse(r["err"], inside) for r in runs])
-        result["rmse_out_of_range"][row] = mean([rmse(r["err"], ~inside) for r in runs])
-        drifts = [
-            float(((energy(r["pred"]) - e0[:, None]).abs() / e0[:, None]).mean()) for r in runs
-        ]
-        result["energy_drift"][row] = statistics.fmean(drifts)
-        result["inner_lr"][row] = statistics.fmean(float(r["inner_lr"]) for r in runs)
-    result["n_test_out_of_range"] = int((~inside).sum())
-    return result
+def test_time_curve(net: NoetherWrapper, data: Data, ks: list[int]) -> dict[str, Any]:
+    """Error against k at test time, the step fixed at the one tuned for k = 1: plain steps."""
+    lr = net.inner_lr
+    starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
+    train = data.noisy[data.validation]
+    curve: dict[str, Any] = {}
+    for k in ks:
+        net.inner_steps = k
+        t0 = time.perf_counter()
+        pred = rollout(net, starts, data.dt)
+        seconds = time.perf_counter() - t0
+        val = float(((rollout(net, train[:, 0], data.dt) - train[:, 1:]) ** 2).mean())
+        curve[str(k)] = {"err": per_sequence_mse(pred, truth), "val": val, "seconds": seconds}
+    net.inner_steps = 1
+    assert net.inner_lr == lr
+    return curve
 
 
-def ratio(values: dict[str, float | None], row: str) -> float | None:
-    """``values[row] / values["vanilla"]``, None where either is missing."""
-    value, base = values[row], values["vanilla"]
-    return None if value is None or base is None else value / base
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def print_table(summary: dict[str, Any], seeds: list[int]) -> None:
-    print(
-        f"\nrollout RMSE over {len(seeds)} seed(s); ratios to vanilla; "
-        f"{summary['n_test_out_of_range']} test trajectories outside the training energy range"
-    )
-    print(
-        f"{'row':<19}{'RMSE mean ± std':>20}{'ratio':>8}{'in-range':>10}{'out-range':>11}"
-        f"{'E drift':>9}{'step':>8}"
-    )
-    for row in [r for r in ROWS + BASELINE_ROWS if r in summary["rmse"]]:
-        vals = summary["rmse_per_seed"][row]
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        cells = []
-        for key, width in (("rmse", 7), ("rmse_in_range", 9), ("rmse_out_of_range", 10)):
-            r = ratio(summary[key], row)
-            cells.append(f"{'—':>{width}} " if r is None else f"{r:>{width}.3f}×")
-        print(
-            f"{row:<19}{summary['rmse'][row]:>11.4f} ± {std:<7.4f}{''.join(cells)}"
-            f"{summary['energy_drift'][row]:>9.3f}{summary['inner_lr'][row]:>8.3g}"
-        )
-
-
-def plot_phase(per_seed: list[dict[str, dict[str, Any]]], data: Data, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    truth = data.clean[data.test].float()
-    inside = energy_range_mask(data)
-    fig, axes = plt.subplots(2, len(ROWS), figsize=(4 * len(ROWS), 7.5))
-    t = data.dt * torch.arange(POINTS)
-    for j, row in enumerate(ROWS):
-        pred = per_seed[0][row]["pred"]
-        assert isinstance(pred, Tensor)
-        ax = axes[0, j]
-        for i in range(truth.shape[0]):
-            color = "tab:blue" if inside[i] else "tab:red"
-            ax.plot(truth[i, :, 0], truth[i, :, 1], color="0.8", lw=2)
-            ax.plot(pred[i, :, 0], pred[i, :, 1], color=color, lw=0.8)
-        ax.set_title(row)
-        ax.set_xlabel("q")
-        ax.set_ylabel("p")
-        ax = axes[1, j]
-        full = torch.cat([truth[:, :1], pred], dim=1)
-        for i in range(truth.shape[0]):
-            color = "tab:blue" if inside[i] else "tab:red"
-            ax.plot(t, energy(full[i]), color=color, lw=0.8)
-        ax.set_xlabel("t")
-        ax.set_ylabel("H along the rollout")
-    fig.suptitle(
-        "test rollouts (grey: truth; blue: energy inside the training range; red: outside)"
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_sweep(sweep: dict[str, dict[str, dict[str, float | None]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, part in zip(axes, ("in_range", "out_of_range")):
-        for row in NOETHER_ROWS:
-            xs = [float(lr) for lr in sweep]
-            ys = [float("nan") if (v := sweep[lr][row][part]) is None else v for lr in sweep]
-            ax.plot([max(v, 3e-3) for v in xs], ys, marker="o", label=row)
-        ax.axhline(1.0, color="0.5", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("inner step size (0 plotted at 3e-3: no tailoring = control)")
-        ax.set_title(f"test trajectories {part.replace('_', ' ')}")
-    axes[0].set_ylabel("rollout RMSE / vanilla")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def embedding_metrics(g: nn.Module, data: Data, r_init: float | None) -> dict[str, Any]:
+    """|r(g, H)| on test states, its within-trajectory variance fraction, the median
+    |cos(grad g, grad H)| and the spread of |grad g| / |grad H| (top vs bottom decile of H)."""
+    clean = data.clean[data.test]
+    states = clean.reshape(-1, 2)
+    with torch.no_grad():
+        codes = g(states).reshape(clean.shape[:2])
+    cos, ratio = protocol.gradient_alignment(g, energy, states)
+    h = energy(states)
+    lo, hi = torch.quantile(h, 0.1), torch.quantile(h, 0.9)
+    spread = float(ratio[h >= hi].median() / ratio[h <= lo].median())
+    return {
+        "abs_r": protocol.pearson(codes, energy(clean)),
+        "abs_r_init": r_init,
+        "within_var_frac": protocol.within_var_frac(codes),
+        "grad_cos": float(cos.median()),
+        "grad_ratio_spread": spread,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny run for tests (< 30 s)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of model seeds (3)")
-    parser.add_argument("--seed", type=int, default=0, help="first model seed")
+    parser.add_argument("--quick", action="store_true", help="tiny run for tests")
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--inner-steps", type=int, default=1)
-    parser.add_argument("--inner-lr", type=float, default=0.1)
-    parser.add_argument("--learn-inner-lr", action="store_true")
-    parser.add_argument("--split", choices=["paper", "extrapolate"], default="paper")
-    parser.add_argument("--sweep", action="store_true", help="Noether rows over step sizes")
-    parser.add_argument(
-        "--baselines",
-        action="store_true",
-        help="add the expert's baseline: vanilla rollouts projected onto g(x) = g(x0) each step",
-    )
+    parser.add_argument("--data-seeds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="first model seed")
+    parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
+    parser.add_argument("--sampler", choices=["hnn", "wide"], default="hnn")
+    parser.add_argument("--no-meta", action="store_true", help="test-time rows only")
+    parser.add_argument("--test-steps", default="", help="e.g. 1,2,4,8: the k-curve at test time")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    if args.inner_lr <= 0:
-        parser.error(f"--inner-lr must be positive, got {args.inner_lr}")
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
     seeds = list(range(args.seed, args.seed + n_seeds))
+    data_seeds = list(range(args.data_seed, args.data_seed + args.data_seeds))
     cfg = Settings(
-        baseline_steps=100 if args.quick else 2000,
-        meta_epochs=5 if args.quick else 100,
-        inner_steps=args.inner_steps,
-        inner_lr=args.inner_lr,
-        learn_inner_lr=args.learn_inner_lr,
-        baselines=args.baselines,
+        vanilla_steps=100 if args.quick else 2000,
+        meta_steps=5 if args.quick else 100,
+        g_steps=100 if args.quick else 2000,
+        meta=not args.no_meta,
+        test_steps=[int(k) for k in args.test_steps.split(",") if k],
     )
-    data = make_data(args.data_seed, args.split)
-    formula = fit_formula(data)
-    text = formula.formula(scale_to="p^2")
-    print(f"fit_conserved on the noisy training trajectories (lag-1 scatter): g = {text}")
-
-    lrs = {row: args.inner_lr for row in NOETHER_ROWS}
-    cache: dict[int, tuple[nn.Module, dict[str, dict[str, Any]]]] = {}
-    per_seed = [run_seed(s, data, formula, cfg, lrs, cache) for s in seeds]
-    summary = summarise(per_seed, data)
-    print_table(summary, seeds)
-    meta_seconds = [r["noether_oracle"].get("seconds") for r in per_seed]
-    if all(isinstance(v, float) for v in meta_seconds):
-        mean_seconds = statistics.fmean(float(v) for v in meta_seconds)
-        print(f"seconds per meta-training step (oracle row): {mean_seconds:.3f}")
-
-    sweep: dict[str, dict[str, dict[str, float | None]]] = {}
-    if args.sweep:
-        for lr in tqdm(SWEEP_LRS, desc="sweep"):
-            runs = [
-                run_seed(s, data, formula, cfg, dict.fromkeys(NOETHER_ROWS, lr), cache)
-                for s in seeds
-            ]
-            part = summarise(runs, data)
-            sweep[str(lr)] = {
-                row: {
-                    key: ratio(part[f"rmse{suffix}"], row)
-                    for key, suffix in (
-                        ("all", ""),
-                        ("in_range", "_in_range"),
-                        ("out_of_range", "_out_of_range"),
-                    )
-                }
-                for row in NOETHER_ROWS
-            }
-        print("\nsweep: RMSE ratio to vanilla (all / in-range / out-of-range)")
-        for lr, rows in sweep.items():
-            cells = "  ".join(
-                f"{row[8:]} " + "/".join(_fmt(v[k]) for k in ("all", "in_range", "out_of_range"))
-                for row, v in rows.items()
+    runs: list[dict[str, Any]] = []
+    formulas: list[dict[str, float]] = []
+    embed_rows: dict[str, list[dict[str, Any]]] = {}
+    last_data = None
+    for data_seed in data_seeds:
+        data = make_data(data_seed, args.sampler)
+        last_data = data
+        gs, library, r_init = embeddings_for(data, cfg)
+        formulas.append(library.coefficients(scale_to="p^2"))
+        print(f"data seed {data_seed}: fit_conserved -> g = {library.formula(scale_to='p^2')}")
+        for name in EMBEDDINGS:
+            init = {"oracle": 1.0, "formula": None, "learned": r_init}[name]
+            embed_rows.setdefault(f"testtime_{name}", []).append(
+                embedding_metrics(gs[name], data, init)
             )
-            print(f"  step {float(lr):<7.4g} {cells}")
+        for seed in seeds:
+            run = run_seed(seed, data, gs, cfg)
+            run["data"] = data
+            for row, g in run["g"].items():
+                embed_rows.setdefault(row, []).append(embedding_metrics(g, data, r_init))
+            runs.append(run)
+    report = summarise(runs, formulas, embed_rows, args, data_seeds, seeds, start)
+    print_report(report, args)
+    if args.plot is not None and last_data is not None:
+        plot_phase(runs[0], last_data, args.plot)
+    protocol.write_json(args.json, report)
+    print(f"done in {report['seconds']:.0f} s")
 
-    if args.plot is not None:
-        plot_phase(per_seed, data, args.plot)
-        if sweep:
-            plot_sweep(sweep, args.plot.with_name(args.plot.stem + "_sweep.png"))
-    coefficients = formula.coefficients(scale_to="p^2")
-    report = {
-        **{k: summary[k] for k in ("rmse", "rmse_per_seed", "rmse_in_range", "rmse_out_of_range")},
-        "n_test_out_of_range": summary["n_test_out_of_range"],
-        "energy_drift": summary["energy_drift"],
-        "formula": {"text": text, "coefficients": coefficients},
-        "inner_lr": summary["inner_lr"],
-        "split": args.split,
+
+def summarise(
+    runs: list[dict[str, Any]],
+    formulas: list[dict[str, float]],
+    embed_rows: dict[str, list[dict[str, Any]]],
+    args: argparse.Namespace,
+    data_seeds: list[int],
+    seeds: list[int],
+    start: float,
+) -> dict[str, Any]:
+    """The protocol's JSON: every (data seed, model seed) run is one 'seed' of the errors."""
+    names = list(runs[0]["err"])
+    errors = {row: np.stack([r["err"][row] for r in runs]) for row in names}
+    extras: dict[str, dict[str, Any]] = {}
+    for row in names:
+        inside, outside, drift = [], [], []
+        for r in runs:
+            data: Data = r["data"]
+            train_e = energy(data.clean[data.train, 0])
+            test_e = energy(data.clean[data.test, 0])
+            mask = ((test_e >= train_e.min()) & (test_e <= train_e.max())).numpy()
+            inside.append((r["err"][row][mask], r["err"]["vanilla"][mask]))
+            outside.append((r["err"][row][~mask], r["err"]["vanilla"][~mask]))
+            pred = r["pred"][row]
+            drift.append(float(((energy(pred) - test_e[:, None]).abs() / test_e[:, None]).mean()))
+
+        def split_ratio(parts: list[tuple[np.ndarray, np.ndarray]]) -> float | None:
+            a = np.concatenate([p[0] for p in parts])
+            b = np.concatenate([p[1] for p in parts])
+            return None if a.size == 0 else float(np.sqrt(a.mean() / b.mean()))
+
+        extras[row] = {
+            "ratio_in_range": split_ratio(inside),
+            "ratio_out_of_range": split_ratio(outside),
+            "n_out_of_range": int(sum(p[0].size for p in outside)),
+            "energy_drift": statistics.fmean(drift),
+        }
+    rows = protocol.row_metrics(errors, extras=extras)
+    noether = [r for r in runs[0]["val"]]
+    val = {row: statistics.fmean(r["val"][row] for r in runs) for row in noether}
+    selected = protocol.select_row(val)
+    for row in noether:
+        rows[row]["validation_error"] = val[row]
+    inner_lr: dict[str, float | None] = {row: None for row in names}
+    for row in noether:
+        inner_lr[row] = statistics.fmean(r["lr"][row] for r in runs)
+        rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
+    for row in names:
+        if row.endswith("_untailored"):
+            inner_lr[row] = None
+    coefficients = {t: statistics.fmean(f[t] for f in formulas) for t in TERMS}
+    embeddings = {
+        row: {k: _mean_or_none([m[k] for m in ms]) for k in ms[0]} for row, ms in embed_rows.items()
+    }
+    report: dict[str, Any] = {
+        "example": "pendulum",
+        "data_seeds": data_seeds,
         "seeds": seeds,
         "seconds": time.perf_counter() - start,
+        "metric": "rollout RMSE over 44 RK4 steps from the clean test starts, against the "
+        "clean truth",
+        "sampler": args.sampler,
+        "inner_lr": inner_lr,
+        "selected": selected,
+        "rows": rows,
+        "embeddings": embeddings,
+        "formula": {"text": _formula_text(coefficients), "coefficients": coefficients},
+        "paper": {
+            "vanilla": 0.0563,
+            "noether_formula": 0.0423,
+            "oracle": 0.0422,
+            "metric": "rollout RMSE",
+        },
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        if sweep:
-            args.json.with_name(args.json.stem + "_sweep.json").write_text(
-                json.dumps(sweep, indent=2)
-            )
-    print(f"done in {report['seconds']:.0f} s")
+    if "curve" in runs[0]:
+        report["test_steps"] = curve_summary(runs)
+    return report
+
+
+def curve_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per embedding and k: the protocol's ratio (and interval) to vanilla, the validation error,
+    the seconds for the 25 test rollouts."""
+    base = np.stack([r["err"]["vanilla"] for r in runs])
+    out: dict[str, Any] = {}
+    for name in runs[0]["curve"]:
+        out[name] = {}
+        for k in runs[0]["curve"][name]:
+            err = np.stack([r["curve"][name][k]["err"] for r in runs])
+            out[name][k] = {
+                "ratio": protocol.rmse(err) / protocol.rmse(base),
+                "ratio_ci": list(protocol.bootstrap_ratio(err, base)),
+                "median_ratio": float(np.median(np.sqrt(err / base))),
+                "validation_error": statistics.fmean(r["curve"][name][k]["val"] for r in runs),
+                "seconds": statistics.fmean(r["curve"][name][k]["seconds"] for r in runs),
+            }
+    return out
+
+
+def _mean_or_none(values: list[Any]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known and len(known) == len(values) else None
+
+
+def _formula_text(coefficients: dict[str, float]) -> str:
+    lib = FeatureLibrary(
+        TERMS, variables=["q", "p"], weights=torch.tensor([coefficients[t] for t in TERMS])
+    )
+    return lib.formula(scale_to="p^2")
+
+
+def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
+    title = (
+        f"pendulum ({report['sampler']} sampler), data seeds {report['data_seeds']}, model seeds "
+        f"{report['seeds']}: {report['metric']}; ratios to vanilla, 95% bootstrap over seeds "
+        f"and test trajectories"
+    )
+    protocol.print_table(
+        title,
+        report["rows"],
+        inner_lr=report["inner_lr"],
+        selected=report["selected"],
+        extra_columns=[
+            ("ratio_in_range", "in-range", ".3f"),
+            ("ratio_out_of_range", "out-range", ".3f"),
+            ("energy_drift", "H drift", ".3f"),
+        ],
+    )
+    print(f"\nformula (mean over data seeds): g = {report['formula']['text']}")
+    print("paper (rollout RMSE): vanilla 0.0563, Noether formula 0.0423, oracle 0.0422")
+    print(
+        "\nembeddings on test states: |r(g,H)| (init), within-var frac, median "
+        "|cos(grad g, grad H)|, |grad g|/|grad H| top/bottom decile of H"
+    )
+    for row, m in report["embeddings"].items():
+        init = "—" if m["abs_r_init"] is None else f"{m['abs_r_init']:.3f}"
+        print(
+            f"  {row:<22} {m['abs_r']:.4f} ({init})  {m['within_var_frac']:.4f}  "
+            f"{m['grad_cos']:.4f}  {m['grad_ratio_spread']:.2f}"
+        )
+    if "test_steps" in report:
+        print(
+            "\ntest-time k (step tuned for k = 1): ratio to vanilla [95% CI], median, "
+            "validation MSE, seconds"
+        )
+        for name, curve in report["test_steps"].items():
+            for k, c in curve.items():
+                print(
+                    f"  {name:<8} k={k:<3} {c['ratio']:.3f} [{c['ratio_ci'][0]:.3f}, "
+                    f"{c['ratio_ci'][1]:.3f}]  {c['median_ratio']:.3f}  "
+                    f"{c['validation_error']:.5f}  {c['seconds']:.2f}"
+                )
+
+
+def plot_phase(run: dict[str, Any], data: Data, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [
+        r
+        for r in ("vanilla", "control", "testtime_oracle", "testtime_formula", "testtime_learned")
+        if r in run["pred"]
+    ]
+    truth = data.clean[data.test]
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.6), sharey=True)
+    for ax, row in zip(axes, rows):
+        pred = run["pred"][row]
+        for i in range(truth.shape[0]):
+            ax.plot(truth[i, :, 0], truth[i, :, 1], color="0.8", lw=2)
+            ax.plot(pred[i, :, 0], pred[i, :, 1], color="tab:blue", lw=0.8)
+        ax.set_title(row)
+        ax.set_xlabel("q")
+    axes[0].set_ylabel("p")
+    fig.suptitle("test rollouts (grey: truth), first data and model seed")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """noether_wrap: Noether Networks for any PyTorch sequence predictor, in one line."""
 
 from noether_wrap import embeddings
+from noether_wrap._affine import Affine
 from noether_wrap.conservation import ConservedFit, conservation_loss, fit_conserved
 from noether_wrap.loss import noether_loss
 from noether_wrap.rollout import Rollout
@@ -10,6 +11,7 @@ from noether_wrap.wrapper import NoetherWrapper, TailorOutput
 __version__ = "0.1.0"
 
 __all__ = [
+    "Affine",
     "ConservedFit",
     "NoetherWrapper",
     "Rollout",

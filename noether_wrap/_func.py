@@ -16,7 +16,8 @@ The third path, exact per-sample steps without weight copies for linear and conv
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,6 +30,15 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: ``(model, inputs, *args, **kwargs) -> prediction``.
 PredictFn = Callable[..., Tensor]
+
+
+def math_attention() -> contextlib.AbstractContextManager[None]:
+    """``scaled_dot_product_attention`` on the math kernel, which is twice differentiable."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no kernel choice to make here
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class Bound(nn.Module):
@@ -64,6 +74,14 @@ class InnerProblem:
     #: The buffer clones the last prediction pass ran on, as that pass left them (BatchNorm
     #: running statistics in training mode): what one unwrapped forward would have written.
     final_buffers: Params | None = None
+    #: "backtrack": every inner step is shortened (halved, up to ``BACKTRACKS`` times, else
+    #: not taken) until it does not raise the Noether loss; see :func:`backtrack`.
+    step_control: str = "none"
+    #: Whether each row of the loss owns its own parameters' rows (per-sample affines); else one
+    #: decision for all parameters (shared step; one sequence inside vmap).
+    per_row: bool = False
+    #: Inside ``vmap``: no data-dependent early exit.
+    in_vmap: bool = False
 
     @property
     def keeps_graphs(self) -> bool:
@@ -85,9 +103,14 @@ class InnerProblem:
         kwargs: Mapping[str, Any],
         buffers: Params | None = None,
     ) -> Tensor:
-        """The wrapped model's output with ``params`` swapped in."""
+        """The wrapped model's output with ``params`` swapped in.
+
+        When the inner gradient is differentiated again (second order), attention runs on
+        PyTorch's math kernel: the fused kernels have no double backward.
+        """
         own = self.fresh_buffers() if buffers is None else buffers
-        out: Tensor = functional_call(self.model, (params, own), (inputs, *args), dict(kwargs))
+        with math_attention() if self.create_graph else contextlib.nullcontext():
+            out: Tensor = functional_call(self.model, (params, own), (inputs, *args), dict(kwargs))
         return out
 
     def prediction(
@@ -141,6 +164,20 @@ def _clip(grads: Params, max_norm: float) -> Params:
     squared = sum((g * g).sum() for g in grads.values())
     scale = clip_scale(squared, max_norm)  # type: ignore[arg-type]
     return {n: g * scale for n, g in grads.items()}
+
+
+GRAPHLESS_WARNING = (
+    "NoetherWrapper: the inner gradient carries no graph although second-order training is on, "
+    "so the embedding gets no outer gradient (the step size still does). Part of the model's "
+    "backward is not differentiable: an adjoint ODE solver such as torchdiffeq.odeint_adjoint "
+    "(use odeint), or a custom autograd.Function without double backward."
+)
+
+
+def warn_if_graphless(problem: InnerProblem, grads: Sequence[Tensor | None]) -> None:
+    """Warn when ``create_graph`` was asked for but no inner gradient is differentiable."""
+    if problem.create_graph and not any(g is not None and g.requires_grad for g in grads):
+        warnings.warn(GRAPHLESS_WARNING, RuntimeWarning, stacklevel=2)
 
 
 def clip_scale(squared_norm: Tensor, max_norm: float) -> Tensor:
@@ -204,6 +241,8 @@ def inner_loop(
         if problem.max_grad_norm is not None:
             grads = _clip(grads, problem.max_grad_norm)
         ok = ok & torch.isfinite(loss).all() & _all_finite(grads.values())
+        if problem.step_control == "backtrack":
+            grads = backtrack(problem, params, grads, loss, inputs, args, kwargs)
         params = fresh({n: p - problem.lr * grads[n] for n, p in params.items()})
     problem.step_index = problem.steps
     assert initial is not None
@@ -213,6 +252,56 @@ def inner_loop(
     losses.append(final_loss)
     ok = ok & torch.isfinite(final_loss).all() & torch.isfinite(prediction).all()
     return InnerResult(prediction, initial, torch.stack(losses, dim=-1), ok, params)
+
+
+#: Step fractions a backtracking step tries, in order; none accepted means no step.
+BACKTRACKS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def _scaled(grads: Params, scale: Tensor, per_row: bool) -> Params:
+    if not per_row:
+        return {n: g * scale.reshape(()) for n, g in grads.items()}
+    return {n: g * scale.reshape(-1, *([1] * (g.dim() - 1))) for n, g in grads.items()}
+
+
+def backtrack(
+    problem: InnerProblem,
+    params: Params,
+    grads: Params,
+    loss: Tensor,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> Params:
+    """Shorten this inner step until it does not raise the Noether loss: the gradient times the
+    first fraction in ``BACKTRACKS`` whose step keeps each sequence's loss (the batch mean for a
+    shared step) at or below its value before the step, or times 0 when none does.
+
+    The fractions are chosen without autograd and enter the step as constants, as a line
+    search's decisions do; per sequence, so batch invariance holds.
+    """
+
+    def decide(values: Tensor) -> Tensor:
+        """What one decision is about: each row's loss, or the batch mean."""
+        return values if problem.per_row else values.mean().reshape(1)
+
+    with torch.no_grad():
+        before = decide(loss.detach())
+        chosen = torch.zeros_like(before)
+        accepted = torch.zeros_like(before, dtype=torch.bool)
+        for fraction in BACKTRACKS:
+            trial_scale = torch.where(accepted, chosen, torch.full_like(chosen, fraction))
+            step = _scaled(grads, trial_scale, problem.per_row)
+            trial = {
+                n: p.detach() - problem.lr.detach() * step[n].detach() for n, p in params.items()
+            }
+            after = decide(problem.loss(inputs, problem.rollout(trial, inputs, args, kwargs)))
+            newly = ~accepted & (after <= before)  # a non-finite trial is never accepted
+            chosen = torch.where(newly, torch.full_like(chosen, fraction), chosen)
+            accepted = accepted | newly
+            if not problem.in_vmap and bool(accepted.all()):
+                break
+    return _scaled(grads, chosen, problem.per_row)
 
 
 def _keep_graph(params: Params) -> Params:
@@ -245,6 +334,7 @@ def tailor_shared(
                 create_graph=problem.create_graph,
                 retain_graph=problem.keeps_graphs,
             )
+        warn_if_graphless(problem, grads)
         return dict(zip(current, grads)), output, loss
 
     if problem.differentiable:
@@ -291,6 +381,8 @@ def tailor_per_sample(
     kw_values = tuple(kwargs[n] for n in names)
     kw_dims = batched_dims(kw_values, batch)
     start = params if problem.differentiable else {n: p.detach() for n, p in params.items()}
+
+    problem.in_vmap = True
 
     def one(x: Tensor, a: tuple[Any, ...], kv: tuple[Any, ...]) -> InnerResult:
         x = x.unsqueeze(0)

@@ -30,7 +30,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from noether_wrap._func import InnerProblem, InnerResult, clip_scale, final_prediction
+from noether_wrap._func import (
+    InnerProblem,
+    InnerResult,
+    clip_scale,
+    final_prediction,
+    warn_if_graphless,
+)
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 
@@ -353,6 +359,7 @@ def tailor_lowrank(
                     retain_graph=problem.keeps_graphs,
                     allow_unused=True,
                 )
+                warn_if_graphless(problem, grads)
             problem.started = True
             if i == 0:
                 initial = output

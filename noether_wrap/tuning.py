@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -45,7 +46,8 @@ def tune_inner_lr(
     """Set ``net``'s inner step size to the candidate with the lowest loss on held-out data.
 
     Use training or validation data, never test data. Each candidate is evaluated without
-    autograd (tailoring still runs, rule 6); the model and the embedding are not changed.
+    autograd (tailoring still runs, rule 6); the model and the embedding are not changed. A
+    candidate that diverges is scored like any other, without the wrapper's warnings.
 
     Args:
         net: the wrapper to tune; its ``log_inner_lr`` is set to the best candidate.
@@ -85,7 +87,9 @@ def tune_inner_lr(
 
     def evaluate() -> float:
         total = 0.0
-        with torch.no_grad():
+        # a candidate that diverges is scored like any other; its warnings would only be noise
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             for start in range(0, inputs.shape[0], size):
                 part = slice(start, start + size)
                 piece = inputs[part]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import warnings
@@ -13,7 +14,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from noether_wrap import _func, _lowrank
+from noether_wrap import _affine, _func, _lowrank
+from noether_wrap._affine import Affine
 from noether_wrap.loss import (
     DISTANCES,
     LOSS_FORMS,
@@ -24,10 +26,13 @@ from noether_wrap.loss import (
     per_sequence_noether_loss,
 )
 
-#: ``adapt``: None (all trainable parameters), a glob on parameter names, or a predicate.
-AdaptSpec = Union[str, Callable[[str, nn.Parameter], bool], None]  # noqa: UP007 (runtime alias)
+#: ``adapt``: None (all trainable parameters), a glob on parameter names, a predicate, or
+#: :class:`Affine` (per-sequence affines on matching modules' outputs).
+AdaptSpec = Union[str, Callable[[str, nn.Parameter], bool], Affine, None]  # noqa: UP007
 PerSamplePath = Literal["auto", "lowrank", "vmap"]
 PER_SAMPLE_PATHS: tuple[str, ...] = ("auto", "lowrank", "vmap")
+StepControl = Literal["none", "backtrack"]
+STEP_CONTROLS: tuple[str, ...] = ("none", "backtrack")
 
 _NONFINITE_WARNING = (
     "NoetherWrapper: an inner step produced non-finite values for {count} of {batch} "
@@ -105,6 +110,13 @@ class NoetherWrapper(nn.Module):
             when every adapted parameter belongs to an ``nn.Linear`` (where it is measured
             faster), else ``"vmap"`` (whose batching rule already turns per-sample convolutions
             into one grouped convolution). ``last_path`` tells which one ran.
+        step_control: ``"none"`` (plain SGD steps) or ``"backtrack"``: every inner step is
+            halved, up to four times, for each sequence whose Noether loss it would raise (the
+            batch mean for a shared step), and not taken if none of those helps; so the Noether
+            loss never increases, whatever ``k`` or the step size. The decisions are constants
+            in the backward, as a line search's. Costs one extra rollout without autograd per
+            inner step (more where a step is shortened); runs on the shared, ``vmap`` and
+            affine paths (``"auto"`` takes ``vmap`` instead of the low-rank path).
 
     Shapes:
         ``forward(inputs, *args, return_info=False, **kwargs)``: the prediction has the shape of
@@ -143,6 +155,7 @@ class NoetherWrapper(nn.Module):
         max_inner_grad_norm: float | None = None,
         predict: Callable[..., Tensor] | None = None,
         per_sample_path: PerSamplePath = "auto",
+        step_control: StepControl = "none",
     ) -> None:
         super().__init__()
         _check_module("model", model)
@@ -159,6 +172,12 @@ class NoetherWrapper(nn.Module):
         check_choice("loss_form", loss_form, LOSS_FORMS)
         check_choice("distance", distance, DISTANCES)
         check_choice("per_sample_path", per_sample_path, PER_SAMPLE_PATHS)
+        check_choice("step_control", step_control, STEP_CONTROLS)
+        if step_control == "backtrack" and per_sample_path == "lowrank":
+            raise ValueError(
+                "`step_control='backtrack'` needs trial steps the low-rank path does not keep; "
+                "use per_sample_path='auto' (it then takes vmap) or 'vmap', or adapt=Affine(...)."
+            )
         _check_int("window", window, minimum=1)
         _check_int("time_dim", time_dim, minimum=1)
         if inner_horizon is not None:
@@ -173,10 +192,10 @@ class NoetherWrapper(nn.Module):
         for name, fn in (("reference", reference), ("predict", predict)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"`{name}` must be callable or None, got {type(fn).__name__}.")
-        if not (adapt is None or isinstance(adapt, str) or callable(adapt)):
+        if not (adapt is None or isinstance(adapt, (str, Affine)) or callable(adapt)):
             raise TypeError(
-                f"`adapt` must be None, a glob string or a predicate (name, param) -> bool; "
-                f"got {type(adapt).__name__}."
+                f"`adapt` must be None, a glob string, a predicate (name, param) -> bool or an "
+                f"Affine; got {type(adapt).__name__}."
             )
 
         if type(model).__name__ == "OptimizedModule" and isinstance(
@@ -208,9 +227,11 @@ class NoetherWrapper(nn.Module):
         )
         self.predict = predict
         self.per_sample_path = per_sample_path
+        self.step_control = step_control
         #: Which path the last tailoring call took: "shared", "lowrank", "vmap" or None.
         self.last_path: str | None = None
         self._lowrank_unsupported = False
+        self._warned_no_op = False
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
         log_lr = torch.tensor(
             math.log(inner_lr),
@@ -266,11 +287,22 @@ class NoetherWrapper(nn.Module):
     def adapted_names(self) -> list[str]:
         """Names of the model parameters that ``adapt`` selects, in ``named_parameters`` order.
 
+        With ``adapt=Affine(...)`` no parameter of the model is tailored (the affines are): the
+        list is empty, once the pattern is checked to match a module.
+
         Raises:
-            ValueError: ``adapt`` selects no parameter.
+            ValueError: ``adapt`` selects no parameter (or an Affine matches no module).
         """
         named = list(self.model.named_parameters())
         adapt = self.adapt
+        if isinstance(adapt, Affine):
+            if not adapt.modules(self.model):
+                names = [n for n, _ in self.model.named_modules() if n]
+                raise ValueError(
+                    f"`adapt` (={adapt!r}) matches no module of `model`; its modules are: "
+                    f"{', '.join(names[:8]) or 'none'}{', ...' if len(names) > 8 else ''}."
+                )
+            return []
         if adapt is None:
             names = [n for n, p in named if p.requires_grad]
         elif isinstance(adapt, str):
@@ -286,7 +318,12 @@ class NoetherWrapper(nn.Module):
         return names
 
     def forward(
-        self, inputs: Tensor, *args: Any, return_info: bool = False, **kwargs: Any
+        self,
+        inputs: Tensor,
+        *args: Any,
+        return_info: bool = False,
+        inner_steps: int | None = None,
+        **kwargs: Any,
     ) -> Tensor | TailorOutput:
         """Predict with the model tailored to the Noether loss of its own rollout.
 
@@ -295,16 +332,26 @@ class NoetherWrapper(nn.Module):
             *args, **kwargs: passed to the model (and to ``predict``). With ``per_sample``,
                 tensors whose first dim is the batch size are split per sequence.
             return_info: return a :class:`TailorOutput` instead of the prediction.
+            inner_steps: ``k`` for this call only (inference-time compute: a model trained with
+                k = 1 may predict with k = 8); default ``self.inner_steps``.
 
         Returns:
             The tailored prediction, shaped like ``model(inputs, *args, **kwargs)``; or a
-            :class:`TailorOutput` when ``return_info`` is True.
+            :class:`TailorOutput` (``noether_losses`` with ``k + 1`` columns) when
+            ``return_info`` is True.
         """
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        _check_int("inner_steps", steps, minimum=0)
         self._check_inputs(inputs)
-        if self.inner_steps == 0:
+        if steps == 0:
             return self._untailored(inputs, args, kwargs, return_info)
         result = self._run(
-            inputs, args, kwargs, need_final_loss=return_info or self.keep_if_better, forward=True
+            inputs,
+            args,
+            kwargs,
+            need_final_loss=return_info or self.keep_if_better,
+            forward=True,
+            steps=steps,
         )
         prediction = result.prediction
         if self.keep_if_better:
@@ -398,13 +445,16 @@ class NoetherWrapper(nn.Module):
         need_final_loss: bool,
         materialise: bool = False,
         forward: bool = False,
+        steps: int | None = None,
     ) -> _func.InnerResult:
         """Run the inner loop on the path that applies, outside inference mode.
 
         ``materialise`` asks for a path that returns the adapted weights (not the low-rank one);
         ``forward`` marks a prediction call, which updates the model's buffers as one unwrapped
-        call would (:meth:`_write_back_buffers`) and warns about diverged steps.
+        call would (:meth:`_write_back_buffers`) and warns about diverged steps; ``steps``
+        overrides ``inner_steps``.
         """
+        steps = self.inner_steps if steps is None else steps
         if self.per_sample:
             self._check_no_batch_norm_training()
         if torch.is_inference_mode_enabled():
@@ -412,9 +462,9 @@ class NoetherWrapper(nn.Module):
                 args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
                 kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
                 return self._run_paths(
-                    inputs.clone(), args, kwargs, need_final_loss, materialise, forward
+                    inputs.clone(), args, kwargs, need_final_loss, materialise, forward, steps
                 )
-        return self._run_paths(inputs, args, kwargs, need_final_loss, materialise, forward)
+        return self._run_paths(inputs, args, kwargs, need_final_loss, materialise, forward, steps)
 
     def _run_paths(
         self,
@@ -424,8 +474,9 @@ class NoetherWrapper(nn.Module):
         need_final_loss: bool,
         materialise: bool,
         forward: bool,
+        steps: int,
     ) -> _func.InnerResult:
-        problem = self._problem(need_final_loss)
+        problem = self._problem(need_final_loss, steps)
         selected = set(self.adapted_names())
         params: dict[str, Tensor] = {
             n: p for n, p in self.model.named_parameters() if n in selected
@@ -446,28 +497,90 @@ class NoetherWrapper(nn.Module):
             if not bool(result.ok.all()):
                 result = self._recover(problem, run, params, inputs, args, kwargs, result)
         except RuntimeError as error:
+            first = problem.step_index == 0 and not problem.started
+            if first or self.last_path == "vmap":
+                raise self._path_error(problem, inputs, args, kwargs, error) from error
             where = (
-                f"at inner step {problem.step_index} of inner_steps={self.inner_steps} for inputs "
+                f"at inner step {problem.step_index} of inner_steps={problem.steps} for inputs "
                 f"of shape {tuple(inputs.shape)}"
             )
-            if problem.step_index == 0 and not problem.started:
-                raise ValueError(
-                    f"`model` or `embedding` failed on `inputs` of shape {tuple(inputs.shape)} in "
-                    f"the first rollout (inner_steps={self.inner_steps}): {error}. Check that the "
-                    "inputs fit the model; per_sample=True also needs torch.func support "
-                    "(per_sample_path='vmap')."
-                ) from error
             raise RuntimeError(f"NoetherWrapper: tailoring failed {where}: {error}") from error
+        self._warn_if_no_op(result)
         if forward:
             self._write_back_buffers(problem.final_buffers)
             self._warn_if_diverged(result.losses)
         return result
 
+    def _path_error(
+        self,
+        problem: _func.InnerProblem,
+        inputs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        error: RuntimeError,
+    ) -> ValueError:
+        """Say why tailoring failed: the inputs do not fit the model, the loss does not depend on
+        the adapted parameters, or the model runs but this path cannot tailor it (and what
+        will)."""
+        try:
+            with torch.no_grad():
+                problem.rollout({}, inputs, args, kwargs)
+        except Exception:  # the plain model fails too: the inputs do not fit it
+            return ValueError(
+                f"`model` or `embedding` failed on `inputs` of shape {tuple(inputs.shape)} in "
+                f"the first rollout (inner_steps={problem.steps}): {error}. Check that the "
+                "inputs fit the model."
+            )
+        text = str(error)
+        if "does not require grad" in text or "not have been used in the graph" in text:
+            return ValueError(
+                "NoetherWrapper: the Noether loss does not depend on the adapted parameters, so an "
+                "inner step cannot change the prediction. The model runs (part of) its forward "
+                "without autograd (torch.no_grad inside forward, .detach(), an adjoint ODE "
+                "solver such as torchdiffeq.odeint_adjoint), or `adapt` selects parameters the "
+                f"rollout does not use. ({text.splitlines()[0]})"
+            )
+        hint = (
+            " For fused attention, run it under torch.nn.attention.sdpa_kernel(SDPBackend.MATH)."
+            if "scaled_dot_product" in text or "attention" in text
+            else ""
+        )
+        return _PathUnsupported(
+            f"NoetherWrapper: the model runs on these inputs, but the {self.last_path!r} path "
+            f"cannot tailor it: {text.splitlines()[0]}. Ways through: "
+            "adapt=noether_wrap.Affine('<module glob>') (per-sequence affines, any layer type); "
+            "an `adapt` that selects only nn.Linear/Conv layers (the low-rank path, no vmap); "
+            f"or per_sample=False (one step shared by the batch).{hint}"
+        )
+
+    def _warn_if_no_op(self, result: _func.InnerResult) -> None:
+        """Warn (once) when the inner steps left the prediction exactly as it was although the
+        Noether loss was not zero: the adapted parameters do not reach the loss."""
+        if self._warned_no_op or result.prediction.shape != result.initial.shape:
+            return
+        moved = not torch.equal(result.prediction.detach(), result.initial.detach())
+        if moved or not bool((result.losses[:, 0].detach() > 0).any()):
+            return
+        self._warned_no_op = True
+        warnings.warn(
+            "NoetherWrapper: the inner steps did not change the prediction although the Noether "
+            "loss is not zero: its gradient with respect to the adapted parameters is zero. The "
+            "model may run without autograd inside (torch.no_grad, .detach(), an adjoint ODE "
+            "solver such as torchdiffeq.odeint_adjoint), `adapt` may select parameters the "
+            "rollout does not use, or the embedding is saturated.",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+
     def tailor(self, inputs: Tensor, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """The adapted parameters for ``inputs``, to inspect or to keep.
 
-        Runs the same inner steps as ``forward`` on the ``vmap`` (per-sample) or shared path, which
-        materialise the weights.
+        Runs the same inner steps as ``forward`` on a path that materialises the weights: ``vmap``
+        (per sample; where ``vmap`` cannot batch the model, the shared path one sequence at a
+        time, which is the same computation), the shared path, or the affine path (whose
+        "parameters" are the tailored affines). With ``keep_if_better``, a sequence whose step did
+        not lower its Noether loss gets the untailored weights, as ``forward`` gives it the
+        untailored prediction.
 
         Args:
             inputs, *args, **kwargs: as for ``forward``.
@@ -491,9 +604,55 @@ class NoetherWrapper(nn.Module):
                 return base
             return {n: p.expand(inputs.shape[0], *p.shape) for n, p in base.items()}
         self._check_inputs(inputs)
-        result = self._run(inputs, args, kwargs, need_final_loss=False, materialise=True)
+        try:
+            result = self._run(
+                inputs, args, kwargs, need_final_loss=self.keep_if_better, materialise=True
+            )
+        except _PathUnsupported:
+            result = self._tailor_one_by_one(inputs, args, kwargs)
         assert result.params is not None
-        return result.params
+        params = result.params
+        if self.keep_if_better and self.per_sample:
+            worse = result.losses[:, -1] >= result.losses[:, 0]
+            own = dict(self.model.named_parameters())
+            params = {
+                n: _select(~worse, p, own[n].expand_as(p))
+                if n in own
+                else _select(~worse, p, 0 * p)
+                for n, p in params.items()
+            }
+        return params
+
+    def _tailor_one_by_one(
+        self, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _func.InnerResult:
+        """Per-sample tailoring as a loop of one-sequence shared steps (exactly the same steps)."""
+        batch = inputs.shape[0]
+        dims_a = _func.batched_dims(args, batch)
+        dims_k = _func.batched_dims(tuple(kwargs.values()), batch)
+        per_sample, self.per_sample = self.per_sample, False
+        try:
+            parts = []
+            for i in range(batch):
+                a = tuple(v[i : i + 1] if d == 0 else v for v, d in zip(args, dims_a))
+                kw = {
+                    n: (v[i : i + 1] if d == 0 else v) for (n, v), d in zip(kwargs.items(), dims_k)
+                }
+                parts.append(
+                    self._run(inputs[i : i + 1], a, kw, self.keep_if_better, materialise=True)
+                )
+        finally:
+            self.per_sample = per_sample
+        found = [p.params for p in parts if p.params is not None]
+        assert len(found) == batch
+        params = {n: torch.stack([f[n] for f in found]) for n in found[0]}
+        return _func.InnerResult(
+            torch.cat([p.prediction for p in parts]),
+            torch.cat([p.initial for p in parts]),
+            torch.cat([p.losses for p in parts]),
+            torch.cat([p.ok for p in parts]),
+            params,
+        )
 
     def tailored_model(
         self, inputs: Tensor, *args: Any, index: int | None = None, **kwargs: Any
@@ -521,8 +680,10 @@ class NoetherWrapper(nn.Module):
             if not -batch <= i < batch:
                 raise ValueError(f"`index` must be in [{-batch}, {batch}), got {index}.")
             params = {n: p[i] for n, p in params.items()}
-        import copy
-
+        if isinstance(self.adapt, Affine):
+            return _affine.hooked_copy(
+                self.model, self.adapt, {n: p.reshape(-1) for n, p in params.items()}
+            )
         model = copy.deepcopy(self.model)
         with torch.no_grad():
             for name, value in params.items():
@@ -531,6 +692,20 @@ class NoetherWrapper(nn.Module):
 
     def _choose_path(self, names: list[str], materialise: bool) -> Callable[..., _func.InnerResult]:
         """The inner-loop runner for this call; records its name in ``last_path``."""
+        if isinstance(self.adapt, Affine):
+            self.last_path = "affine"
+            spec, per_sample = self.adapt, self.per_sample
+
+            def affine(
+                problem: _func.InnerProblem,
+                params: dict[str, Tensor],
+                inputs: Tensor,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+            ) -> _func.InnerResult:
+                return _affine.tailor_affine(problem, spec, inputs, args, kwargs, per_sample)
+
+            return affine
         if not self.per_sample:
             self.last_path = "shared"
             return _func.tailor_shared
@@ -542,7 +717,8 @@ class NoetherWrapper(nn.Module):
                 )
             self.last_path = "vmap"
             return _func.tailor_per_sample
-        if self.per_sample_path != "vmap" and not self._lowrank_unsupported and not materialise:
+        lowrank_ok = not (self._lowrank_unsupported or materialise or self.step_control != "none")
+        if self.per_sample_path != "vmap" and lowrank_ok:
             layers = _lowrank.supported_layers(self.model, names)
             auto_ok = layers is not None and (
                 self.per_sample_path == "lowrank"
@@ -619,7 +795,7 @@ class NoetherWrapper(nn.Module):
             }
         return _func.InnerResult(prediction, initial, losses, ok, adapted)
 
-    def _problem(self, need_final_loss: bool) -> _func.InnerProblem:
+    def _problem(self, need_final_loss: bool, steps: int) -> _func.InnerProblem:
         differentiable = torch.is_grad_enabled()
         buffers = dict(self.model.named_buffers())
         lr = self.log_inner_lr.exp()
@@ -630,7 +806,8 @@ class NoetherWrapper(nn.Module):
             predict=None if self.predict is None else _func.Bound(self.model, self.predict),
             buffers=buffers,
             loss=self._loss,
-            steps=self.inner_steps,
+            steps=steps,
+            step_control=self.step_control,
             lr=lr,
             create_graph=differentiable and not self.first_order,
             differentiable=differentiable,
@@ -687,6 +864,10 @@ class NoetherWrapper(nn.Module):
                         "Call .eval() on that module to use running statistics, replace it with "
                         "GroupNorm or LayerNorm, or pass per_sample=False."
                     )
+
+
+class _PathUnsupported(ValueError):
+    """The model runs, but the chosen per-sample path cannot tailor it (no vmap rule, ...)."""
 
 
 def _select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:

@@ -64,3 +64,36 @@ def tailor_reference(
         grads = torch.autograd.grad(torch.stack(losses).mean(), params, create_graph=True)
         params = [p - lr * g for p, g in zip(params, grads)]
     return torch.stack([torch.stack(rollout(params, x0[b], horizon)) for b in range(x0.shape[0])])
+
+
+def affine_mlp(params: list[Tensor], scale: Tensor, shift: Tensor, x: Tensor) -> Tensor:
+    """``x -> W2 tanh((W1 x + b1) (1 + scale) + shift) + b2``: an affine after the first layer."""
+    w1, b1, w2, b2 = params
+    return w2 @ torch.tanh((w1 @ x + b1) * (1 + scale) + shift) + b2
+
+
+def tailor_affine_reference(
+    model: list[Tensor], emb: list[Tensor], log_lr: Tensor, x0: Tensor, *, horizon: int, steps: int
+) -> Tensor:
+    """Per-sequence tailoring of a scale and shift after the first layer, anchor loss, in a
+    plain loop: ``(batch, horizon, d)``, differentiable in every argument."""
+    lr = log_lr.exp()
+    width = model[0].shape[0]
+    outs = []
+    for b in range(x0.shape[0]):
+        scale = x0.new_zeros(width, requires_grad=True)
+        shift = x0.new_zeros(width, requires_grad=True)
+
+        def roll(s: Tensor, t: Tensor, b: int = b) -> list[Tensor]:
+            states, x = [], x0[b]
+            for _ in range(horizon):
+                x = affine_mlp(model, s, t, x)
+                states.append(x)
+            return states
+
+        for _ in range(steps):
+            loss = sequence_loss(emb, x0[b], roll(scale, shift), "anchor")
+            gs, gt = torch.autograd.grad(loss, (scale, shift), create_graph=True)
+            scale, shift = scale - lr * gs, shift - lr * gt
+        outs.append(torch.stack(roll(scale, shift)))
+    return torch.stack(outs)

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -27,39 +25,90 @@ def test_train_loop_quick() -> None:
     assert "tailored" in out and "untailored" in out
 
 
+PROTOCOL_ROW_KEYS = {
+    "error",
+    "ratio",
+    "ratio_ci",
+    "ratio_to_control",
+    "median_ratio",
+    "improved",
+    "n_test",
+    "worst_share",
+    "per_seed",
+    "per_sequence",
+}
+
+
+def check_protocol_report(report: dict, example: str) -> None:  # type: ignore[type-arg]
+    """The JSON shape every example shares (EVALUATION.md)."""
+    for key in ("example", "data_seeds", "seeds", "seconds", "metric", "inner_lr", "selected"):
+        assert key in report, key
+    assert report["example"] == example
+    rows = report["rows"]
+    assert report["selected"] in rows and report["inner_lr"][report["selected"]] is not None
+    assert rows["vanilla"]["ratio"] == 1.0
+    for name, row in rows.items():
+        assert set(row) >= PROTOCOL_ROW_KEYS, name
+        assert math.isfinite(row["error"]) and row["error"] > 0, name
+        lo, hi = row["ratio_ci"]
+        assert lo <= hi, name
+        assert 0 <= row["improved"] <= row["n_test"] and 0 < row["worst_share"] <= 1
+        assert len(row["per_seed"]) == len(report["seeds"]) * len(report["data_seeds"])
+    for name, metrics in report["embeddings"].items():
+        assert 0 <= metrics["abs_r"] <= 1 and metrics["within_var_frac"] >= 0, name
+
+
 def test_pendulum_quick_json(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     plot = tmp_path / "p.png"
-    out = _run("pendulum.py", "--quick", "--json", str(path), "--plot", str(plot))
-    assert "g = " in out
+    out = _run(
+        "pendulum.py", "--quick", "--test-steps", "1,2", "--json", str(path), "--plot", str(plot)
+    )
+    assert "g = " in out and "selected by validation error" in out
     report = json.loads(path.read_text())
-    rows = {"vanilla", "control", "noether_learned", "noether_formula", "noether_oracle"}
-    assert set(report) == {
-        "rmse",
-        "rmse_per_seed",
-        "rmse_in_range",
-        "rmse_out_of_range",
-        "n_test_out_of_range",
-        "energy_drift",
-        "formula",
-        "inner_lr",
-        "split",
-        "seeds",
-        "seconds",
-    }
-    for key in ("rmse", "rmse_in_range", "energy_drift", "inner_lr", "rmse_per_seed"):
-        assert set(report[key]) == rows, key
-    for row in rows:
-        assert math.isfinite(report["rmse"][row]) and report["rmse"][row] > 0
-        assert len(report["rmse_per_seed"][row]) == len(report["seeds"]) == 1
-        assert math.isfinite(report["energy_drift"][row])
-    assert isinstance(report["n_test_out_of_range"], int)
+    check_protocol_report(report, "pendulum")
+    rows = report["rows"]
+    expected = {"vanilla", "control", "projection_oracle", "projection_formula"}
+    expected |= {f"testtime_{g}" for g in ("oracle", "formula", "learned")}
+    expected |= {f"meta_{g}" for g in ("oracle", "formula", "learned")}
+    expected |= {f"meta_{g}_untailored" for g in ("oracle", "formula", "learned")}
+    expected |= {"meta_learned_frozen"}
+    assert set(rows) == expected
+    assert report["selected"].startswith(("testtime_", "meta_"))
+    for name in expected:
+        assert rows[name]["n_test"] == 25 and math.isfinite(rows[name]["energy_drift"])
+        assert "ratio_in_range" in rows[name] and "ratio_out_of_range" in rows[name]
+    assert rows["projection_oracle"]["energy_drift"] < 1e-3  # on the level set by construction
+    for name in ("testtime_oracle", "testtime_learned", "meta_formula", "meta_learned_frozen"):
+        assert report["inner_lr"][name] in (0.01, 0.0316, 0.1, 0.316, 1.0)  # tuned, one seed
+    assert report["inner_lr"]["meta_formula_untailored"] is None
     coef = report["formula"]["coefficients"]
     assert set(coef) == {"q", "p", "q^2", "p^2", "cos(q)", "sin(q)", "q*p"}
-    assert coef["p^2"] == 1.0 and all(math.isfinite(v) for v in coef.values())
-    assert report["split"] == "paper"
-    assert report["inner_lr"]["noether_oracle"] == pytest.approx(0.1, rel=1e-6)
+    assert coef["p^2"] == 1.0 and coef["cos(q)"] < -2.0  # the pendulum's energy, roughly
+    assert report["embeddings"]["testtime_oracle"]["abs_r"] > 0.999
+    assert set(report["test_steps"]["oracle"]) == {"1", "2"}
+    assert report["sampler"] == "hnn" and report["paper"]["vanilla"] == 0.0563
     assert plot.stat().st_size > 10_000
+
+
+def test_protocol_ratios_and_intervals() -> None:
+    import numpy as np
+
+    sys.path.insert(0, str(EXAMPLES))
+    import protocol
+
+    base = np.ones((2, 10))
+    row = base * 0.25  # every sequence's MSE quartered: RMSE ratio 0.5
+    row[0, 3] = 4.0  # one sequence worse
+    metrics = protocol.row_metrics({"vanilla": base, "row": row}, control=None)["row"]
+    expected = np.sqrt(row.mean())
+    assert math.isclose(metrics["ratio"], expected)
+    assert metrics["improved"] == 19 and metrics["n_test"] == 20
+    assert math.isclose(metrics["median_ratio"], 0.5)
+    lo, hi = metrics["ratio_ci"]
+    assert lo < expected < hi
+    assert math.isclose(metrics["worst_share"], (4.0 + 0.25) / 2 / row.mean(axis=0).sum())
+    assert protocol.select_row({"a": 2.0, "b": 1.0}) == "b"
 
 
 def test_ising_quick_json(tmp_path: Path) -> None:

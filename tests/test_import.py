@@ -5,6 +5,7 @@ from noether_wrap import embeddings
 def test_public_names_are_pinned() -> None:
     assert noether_wrap.__all__ == sorted(noether_wrap.__all__)
     assert set(noether_wrap.__all__) == {
+        "Affine",
         "ConservedFit",
         "NoetherWrapper",
         "Rollout",

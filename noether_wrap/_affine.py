@@ -1,0 +1,262 @@
+"""Per-sequence affines: per-sample tailoring for any architecture at the cost of a shared step.
+
+The Tailoring paper's CNGrad (Alet et al., NeurIPS 2021) adapts only a per-example, per-channel
+scale and shift placed after chosen layers, created at identity for every call. Each sequence's
+affine touches only its own outputs, so ONE backward of the summed per-sequence Noether losses
+is every sequence's exact gradient: no ``vmap``, no weight copies, and any layer in between (RNN
+kernels, fused attention, ODE solvers, custom ops).
+
+The affines act through forward hooks on the matching modules, installed for one call only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
+
+from noether_wrap._func import InnerProblem, InnerResult, Params, inner_loop, warn_if_graphless
+
+_CHANNELS_FIRST = (_ConvNd, _NormBase, nn.GroupNorm)
+
+
+class Affine:
+    """``adapt=Affine("decoder.*")``: tailor a per-sequence, per-channel scale and shift on the
+    outputs of the modules whose names match, instead of the model's weights (CNGrad).
+
+    The modules' outputs must have the batch first (an RNN needs ``batch_first=True``; for a
+    tuple output, e.g. an RNN's ``(output, h)``, the first element is scaled). The channel axis
+    is 1 for convolutions and normalisation layers and the last axis otherwise, unless
+    ``channel_dim`` says. Each call starts the affines at identity (scale 1, shift 0) and takes
+    the inner steps on them alone, per sequence; the model's weights are trained by the outer
+    loop as usual. Works for models that ``vmap`` cannot batch, at about the cost of one shared
+    step.
+
+    Args:
+        pattern: a glob on module names (``named_modules``), e.g. ``"decoder.*"`` or
+            ``"encoder.layers.*.linear2"``.
+        channel_dim: the output axis that holds channels; None picks as above.
+        shift: tailor a shift as well as a scale.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from noether_wrap import Affine, NoetherWrapper, Rollout
+        >>> step = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> g = lambda s: s.pow(2).sum(-1)
+        >>> net = NoetherWrapper(Rollout(step, 5), g, adapt=Affine("step.0"))
+        >>> net(torch.randn(3, 2)).shape, net.last_path
+        (torch.Size([3, 5, 2]), 'affine')
+    """
+
+    def __init__(self, pattern: str, *, channel_dim: int | None = None, shift: bool = True) -> None:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"`pattern` must be a non-empty glob string, got {pattern!r}.")
+        if channel_dim is not None and (not isinstance(channel_dim, int) or channel_dim == 0):
+            raise ValueError(
+                f"`channel_dim` must be None or a non-zero int (0 is the batch), got "
+                f"{channel_dim!r}."
+            )
+        self.pattern = pattern
+        self.channel_dim = channel_dim
+        self.shift = bool(shift)
+
+    def __repr__(self) -> str:
+        extra = "" if self.channel_dim is None else f", channel_dim={self.channel_dim}"
+        return f"Affine({self.pattern!r}{extra}{'' if self.shift else ', shift=False'})"
+
+    def modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The matching modules of ``model``, by name (the root, named ``""``, never matches)."""
+        return {
+            name: module
+            for name, module in model.named_modules()
+            if name and fnmatch.fnmatchcase(name, self.pattern)
+        }
+
+    def channel_axis(self, module: nn.Module) -> int:
+        if self.channel_dim is not None:
+            return self.channel_dim
+        return 1 if isinstance(module, _CHANNELS_FIRST) else -1
+
+
+class AffineLayoutError(ValueError):
+    """A hooked module's output does not have the batch first."""
+
+
+@dataclass
+class _Hook:
+    """Scales (and shifts) one module's output by ``current``'s affines for it."""
+
+    name: str
+    axis: int
+    batch: int | None  # the call's batch, checked; None: any (a kept, tailored copy)
+    rows: int  # batch (per sample) or 1 (shared, or a kept copy)
+    shift: bool
+    current: Params
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        first = out[0] if isinstance(out, tuple) else out
+        bad_batch = (
+            not isinstance(first, Tensor)
+            or first.dim() < 2
+            or (self.batch is not None and first.shape[0] != self.batch)
+        )
+        if bad_batch:
+            shape = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
+            raise AffineLayoutError(
+                f"`adapt`: Affine needs the output of {self.name!r} ({type(module).__name__}) "
+                f"with the batch ({self.batch}) first, got {shape}. For an RNN pass "
+                "batch_first=True; or choose other modules."
+            )
+        axis = self.axis % first.dim()
+        key = f"{self.name}.scale"
+        if key not in self.current:  # created at identity by the first rollout of the call
+            zeros = first.new_zeros(self.rows, first.shape[axis]).requires_grad_()
+            self.current[key] = zeros
+            if self.shift:
+                self.current[f"{self.name}.shift"] = first.new_zeros(
+                    self.rows, first.shape[axis]
+                ).requires_grad_()
+        view = [first.shape[0] if self.rows > 1 else 1] + [1] * (first.dim() - 1)
+        view[axis] = first.shape[axis]
+        scaled = first * (1 + self.current[key].reshape(view))
+        if self.shift:
+            scaled = scaled + self.current[f"{self.name}.shift"].reshape(view)
+        return (scaled, *out[1:]) if isinstance(out, tuple) else scaled
+
+
+class _AffineProblem(InnerProblem):
+    """The model's own weights with the hooked affines bound to ``params``."""
+
+    hooks: list[_Hook]
+
+    def _bind(self, params: Params) -> None:
+        for hook in self.hooks:
+            hook.current = params
+
+    def rollout(
+        self,
+        params: Params,
+        inputs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        buffers: Params | None = None,
+    ) -> Tensor:
+        self._bind(params)
+        return super().rollout({}, inputs, args, kwargs, buffers)
+
+    def prediction(
+        self,
+        params: Params,
+        inputs: Tensor,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        buffers: Params | None = None,
+    ) -> Tensor:
+        if self.predict is None:
+            return self.rollout(params, inputs, args, kwargs, buffers)
+        self._bind(params)
+        return super().prediction({}, inputs, args, kwargs, buffers)
+
+
+@contextlib.contextmanager
+def _installed(modules: Mapping[str, nn.Module], hooks: list[_Hook]) -> Iterator[None]:
+    handles = [modules[h.name].register_forward_hook(h) for h in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def tailor_affine(
+    problem: InnerProblem,
+    spec: Affine,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    per_sample: bool,
+) -> InnerResult:
+    """Inner steps on per-sequence (``per_sample``) or batch-shared affines.
+
+    Returns an :class:`InnerResult` whose ``params`` are the tailored affines, ``(batch, C)``
+    (``(1, C)`` when shared) per ``"<module>.scale"`` / ``"<module>.shift"``, at zero meaning
+    identity.
+    """
+    batch = inputs.shape[0]
+    rows = batch if per_sample else 1
+    modules = spec.modules(problem.model)
+    hooks = [
+        _Hook(name, spec.channel_axis(m), batch, rows, spec.shift, {})
+        for name, m in modules.items()
+    ]
+    max_norm = problem.max_grad_norm
+    affine = _AffineProblem(**{**problem.__dict__, "max_grad_norm": None, "per_row": per_sample})
+    affine.hooks = hooks
+
+    def gradient(current: Params) -> tuple[Params, Tensor, Tensor]:
+        with torch.enable_grad():
+            output = affine.rollout(current, inputs, args, kwargs)  # fills `current` at step 0
+            loss = affine.loss(inputs, output)
+            names = list(current)
+            if not names:
+                raise AffineLayoutError(
+                    f"`adapt`: no module matching {spec.pattern!r} ran in the rollout."
+                )
+            total = loss.sum() if per_sample else loss.mean()
+            found = torch.autograd.grad(
+                total,
+                [current[n] for n in names],
+                create_graph=affine.create_graph,
+                retain_graph=affine.keeps_graphs,
+                allow_unused=True,
+            )
+        warn_if_graphless(affine, found)
+        grads = {n: torch.zeros_like(current[n]) if g is None else g for n, g in zip(names, found)}
+        if not affine.create_graph:
+            grads = {n: g.detach() for n, g in grads.items()}
+        if max_norm is not None:  # per row: each sequence's own affines
+            squared = sum(g.pow(2).sum(1) for g in grads.values())
+            scale = max_norm * torch.rsqrt(squared.clamp(min=max_norm**2))  # type: ignore[union-attr]
+            grads = {n: g * scale[:, None] for n, g in grads.items()}
+        return grads, output, loss
+
+    fresh = (
+        (lambda p: p)
+        if affine.differentiable
+        else (lambda p: {n: v.detach().requires_grad_() for n, v in p.items()})
+    )
+    with _installed(modules, hooks):
+        result = inner_loop(affine, {}, inputs, args, kwargs, gradient, fresh)
+    problem.final_buffers = affine.final_buffers
+    problem.started = affine.started
+    if per_sample:
+        ok = torch.isfinite(result.losses).all(1)
+        ok = ok & torch.isfinite(result.prediction.reshape(batch, -1)).all(1)
+    else:
+        ok = result.ok.expand(batch)
+    result = result._replace(ok=ok)
+    if not affine.differentiable:
+        result = result.detached()
+    return result
+
+
+def hooked_copy(model: nn.Module, spec: Affine, affines: Params) -> nn.Module:
+    """A copy of ``model`` that applies one sequence's affines ``{name: (C,)}`` for good."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    modules = spec.modules(clone)
+    fixed = {n: v.detach().unsqueeze(0) for n, v in affines.items()}
+    for name, module in modules.items():
+        if f"{name}.scale" in fixed:
+            hook = _Hook(name, spec.channel_axis(module), None, 1, spec.shift, fixed)
+            module.register_forward_hook(hook)
+    return clone
