@@ -1,46 +1,51 @@
 """2-D Ising spin dynamics: does tailoring remove magnetisation drift, and does g find the law?
 
-    python examples/ising.py                    # Kawasaki dynamics, one seed, a few minutes
+    python examples/ising.py                    # Kawasaki, data seed 0, 2 model seeds
+    python examples/ising.py --data-seeds 2 --seeds 2 --json runs/ising.json --plot runs/ising.png
     python examples/ising.py --quick            # smoke run for tests
-    python examples/ising.py --seeds 3 --json runs/ising.json --plot runs/ising.png
-    python examples/ising.py --dynamics q2r     # energy-conserving automaton
 
-Kawasaki (default): spins +-1 on an L x L torus, H = -sum_<ij> s_i s_j; a sweep is L^2 attempted
+Kawasaki dynamics: spins +-1 on an L x L torus, H = -sum_<ij> s_i s_j; a sweep is L^2 attempted
 exchanges of opposite nearest-neighbour spins with Metropolis acceptance at temperature T = 2.
 Every exchange keeps the total magnetisation, so M is conserved exactly in each realisation, while
-the dynamics is random: a predictor can only learn the ensemble mean, and is scored against it.
+the dynamics is random: a predictor can only learn the ensemble mean, and is scored against it
+(per test start, the MSE against the mean of 32 realisations).
 
-Rows (all from one trained CNN): vanilla (one-step MSE); control (vanilla trained further on
-10-step rollouts — the honest baseline); projection (control with every predicted lattice shifted
-to the start's mean spin: the hand-coded conservation a physicist would write); noether_oracle
-(control meta-tailored with g = mean spin); noether_learned (g a conv net with an even activation,
-meta-trained end to end).
-
-Q2R (``--dynamics q2r``): the deterministic automaton that conserves the Ising energy (sublattices
-of a checkerboard in turn; a spin flips when its four neighbours sum to zero). Reported as "does g
-discover the energy": |r(g, H)|, |r(g, M)| and the within-trajectory variance fraction of g.
+Rows, on the protocol of examples/protocol.py (docs/ising.md): vanilla (a CNN trained on one
+step); control (vanilla trained on 10-step rollouts for as many steps, on the same batches, as
+base + meta-training of the Noether rows); projection (control's lattices shifted to the start's
+mean spin: the hand-coded conservation a physicist would write); testtime_oracle and
+testtime_learned (control tailored at prediction time only, g = the mean spin or a conv g
+pretrained with fit_conserved); testtime_oracle_bias (10 steps on control's output bias only);
+meta_oracle, meta_learned (the base rollout model meta-trained jointly), meta_learned_frozen (g and
+the step meta-trained on top of control, which stays frozen), each also untailored. Every step size is chosen by
+tune_inner_lr on validation trajectories carved from the training set (10 % of them, used for
+nothing else); ``selected`` is the Noether row with the lowest validation error.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from noether_wrap import NoetherWrapper, Rollout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
 
-ROWS = ["vanilla", "control", "projection", "noether_oracle", "noether_learned"]
-#: Test-time-only tailoring of control's output bias with the oracle g (printed, not in --json).
-EXTRA_ROWS = ["noether_oracle_bias"]
+from noether_wrap import NoetherWrapper, Rollout, fit_conserved, tune_inner_lr  # noqa: E402
+from noether_wrap.embeddings import Standardized  # noqa: E402
+
+CANDIDATES = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1, 0.316, 1.0)
 
 
 # --- dynamics ----------------------------------------------------------------------------------
@@ -105,7 +110,8 @@ def initial_states(n: int, size: int, low: float, high: float, gen: torch.Genera
 
 @dataclass
 class Data:
-    train: Tensor  # (n_train, 1 + T_train, L, L)
+    train: Tensor  # (n_train, 1 + T_train, L, L): fitting
+    valid: Tensor  # (n_valid, 1 + T_train, L, L): step sizes and the selected row only
     test: Tensor  # (n_test, ensemble, 1 + T, L, L)
     dynamics: str
 
@@ -129,17 +135,19 @@ def make_data(
     n_train: int,
     n_test: int,
     ensemble: int,
-    seed: int = 1234,
+    seed: int = 0,
 ) -> Data:
     gen = torch.Generator().manual_seed(seed)
     low, high = (0.1, 0.9) if dynamics == "kawasaki" else (0.05, 0.95)
     train = simulate(initial_states(n_train, size, low, high, gen), 10, dynamics, 2.0, gen)
+    n_valid = max(2, n_train // 10)
+    valid, train = train[-n_valid:], train[:-n_valid]
     starts = initial_states(n_test, size, low, high, gen)
     if dynamics == "q2r":
         ensemble = 1  # deterministic: every realisation is the same
     reps = starts.repeat_interleave(ensemble, dim=0)
     test = simulate(reps, horizon, dynamics, 2.0, gen)
-    return Data(train, test.reshape(n_test, ensemble, *test.shape[1:]), dynamics)
+    return Data(train, valid, test.reshape(n_test, ensemble, *test.shape[1:]), dynamics)
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -217,17 +225,21 @@ def train_one_step(
 
 def train_rollout(
     net: nn.Module,
+    params: Any,
     data: Data,
     steps: int,
     batch: int,
-    gen: torch.Generator,
+    seed: int,
     desc: str,
-    lr: float = 1e-3,
 ) -> float:
-    """Train ``net`` (x0 -> 10 predicted lattices) on the training trajectories; s per step."""
+    """Train ``net`` (x0 -> 10 predicted lattices) on the training trajectories; s per step.
+
+    The batches come from a generator seeded with ``seed``: rows given the same seed see the
+    same batches (the compute-matched control and the meta rows)."""
+    gen = torch.Generator().manual_seed(seed)
     x0 = data.train[:, 0].unsqueeze(1)
     target = data.train[:, 1:].unsqueeze(2)  # (n, 10, 1, L, L)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = torch.optim.Adam(params, lr=1e-3)
     start = time.perf_counter()
     for _ in tqdm(range(steps), desc=desc, leave=False):
         idx = torch.randint(x0.shape[0], (batch,), generator=gen)
@@ -252,71 +264,102 @@ class Projected(nn.Module):
         return pred + shift
 
 
-def noether(
-    model: Rollout, g: nn.Module | Callable[[Tensor], Tensor], inner_lr: float
-) -> NoetherWrapper:
-    """Meta-trained rows: one second-order step on a 3-step inner horizon, per-sample clip 1."""
+def noether(model: Rollout, g: nn.Module, inner_lr: float, learn: bool = False) -> NoetherWrapper:
+    """One step on a 3-step inner horizon, clipped per sequence at 1 (chaotic rollouts)."""
     return NoetherWrapper(
-        model, g, inner_steps=1, inner_lr=inner_lr, inner_horizon=3, max_inner_grad_norm=1.0
-    )
-
-
-def bias_tailoring(
-    step: nn.Module, horizon: int, inner_lr: float, g: Callable[[Tensor], Tensor]
-) -> NoetherWrapper:
-    """Test-time only: 10 steps on the output bias, full horizon, oracle g, no meta-training."""
-    return NoetherWrapper(
-        Rollout(step, horizon=horizon),
+        model,
         g,
-        inner_steps=10,
+        inner_steps=1,
         inner_lr=inner_lr,
-        adapt="step.net.4.bias",
+        learn_inner_lr=learn,
+        inner_horizon=3,
+        max_inner_grad_norm=1.0,
     )
+
+
+def bias_tailoring(step: nn.Module, g: nn.Module) -> NoetherWrapper:
+    """Test time only: 10 steps on the output bias, full horizon."""
+    return NoetherWrapper(
+        Rollout(step, horizon=10), g, inner_steps=10, adapt="step.net.4.bias", learn_inner_lr=False
+    )
+
+
+def tune(net: NoetherWrapper, data: Data) -> tuple[float, float]:
+    """``tune_inner_lr`` on the validation trajectories: 10-step rollouts from their starts
+    against their one realisation (the same ranking as against the ensemble mean, in
+    expectation); returns the step and its validation MSE."""
+    x0 = data.valid[:, 0].unsqueeze(1)
+    target = data.valid[:, 1:].unsqueeze(2)
+    horizon = _horizon(net)
+    _set_horizon(net, 10)
+    result = tune_inner_lr(net, x0, target, candidates=CANDIDATES, chunk=16)
+    _set_horizon(net, horizon)
+    return result.best, result.losses[result.best]
+
+
+def _rollout_of(net: nn.Module) -> Rollout:
+    inner = net.model if isinstance(net, (NoetherWrapper, Projected)) else net
+    inner = inner.model if isinstance(inner, Projected) else inner
+    assert isinstance(inner, Rollout)
+    return inner
+
+
+def _horizon(net: nn.Module) -> int:
+    return _rollout_of(net).horizon
+
+
+def _set_horizon(net: nn.Module, horizon: int) -> None:
+    _rollout_of(net).horizon = horizon
 
 
 # --- evaluation --------------------------------------------------------------------------------
 
 
 def predict(net: nn.Module, data: Data, chunk: int = 16) -> Tensor:
-    """Predictions ``(n_test, T, L, L)`` from each test start."""
+    """Predictions ``(n_test, T, L, L)`` from each test start, over the test horizon."""
+    horizon = _horizon(net)
+    _set_horizon(net, data.test.shape[2] - 1)
     x0 = data.test[:, 0, 0].unsqueeze(1)
     outs = []
     with torch.no_grad():
         for i in range(0, x0.shape[0], chunk):
             outs.append(net(x0[i : i + chunk]).squeeze(2))
+    _set_horizon(net, horizon)
     return torch.cat(outs)
 
 
-def metrics(pred: Tensor, data: Data) -> dict[str, float]:
+def per_start_mse(pred: Tensor, data: Data) -> np.ndarray:
     ens = data.test[:, :, 1:].mean(dim=1)  # (n_test, T, L, L)
-    m0 = data.test[:, 0, 0].mean(dim=(-2, -1))  # (n_test,)
+    return (pred - ens).pow(2).mean(dim=(1, 2, 3)).double().numpy()
+
+
+def drift_metrics(pred: Tensor, data: Data) -> dict[str, float]:
+    ens = data.test[:, :, 1:].mean(dim=1)
+    m0 = data.test[:, 0, 0].mean(dim=(-2, -1))
     drift = (pred.mean(dim=(-2, -1)) - m0[:, None]).abs()
     return {
-        "rmse_ensemble": float((pred - ens).pow(2).mean().sqrt()),
         "m_drift": float(drift.mean()),
         "m_drift_final": float(drift[:, -1].mean()),
         "energy_error": float((energy_per_bond(pred) - energy_per_bond(ens)).abs().mean()),
     }
 
 
-def embedding_stats(g: nn.Module, data: Data) -> dict[str, float]:
-    """Within-trajectory variance fraction of g and its |Pearson r| with M and H on test data."""
+def embedding_metrics(g: nn.Module, data: Data, r_init: float | None) -> dict[str, Any]:
+    """|r(g, M)| on test realisations, the within-trajectory variance fraction, and the median
+    |cos(grad g, grad M)| (grad M is uniform over the sites)."""
     states = data.test[:, 0]  # (n_test, 1 + T, L, L): one realisation per start
+    flat = states.reshape(-1, 1, *states.shape[-2:])
     with torch.no_grad():
-        values = g(states.reshape(-1, 1, *states.shape[-2:])).reshape(states.shape[:2]).double()
-    m = states.mean(dim=(-2, -1)).double()
-    h = energy_per_bond(states).double()
-    within = (values - values.mean(dim=1, keepdim=True)).pow(2).mean()
-    total = (values - values.mean()).pow(2).mean()
-
-    def r(a: Tensor, b: Tensor) -> float:
-        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-        return float((a * b).sum() / (a.norm() * b.norm() + 1e-12))
-
+        codes = g(flat).reshape(states.shape[:2])
+    m = states.mean(dim=(-2, -1))
+    x = flat[:64].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(g(x).sum(), x)
+    cos = nn.functional.cosine_similarity(grad.flatten(1), torch.ones_like(grad.flatten(1)), dim=1)
     return {
-        "within": float(within / (total + 1e-30)),
-        "r_m": abs(r(values, m)),
-        "r_h": abs(r(values, h)),
+        "abs_r": protocol.pearson(codes, m),
+        "abs_r_init": r_init,
+        "within_var_frac": protocol.within_var_frac(codes),
+        "grad_cos": float(cos.abs().median()),
     }
 
 
@@ -326,46 +369,87 @@ class Settings:
     rollout: int
     meta: int
     batch: int
-    inner_lr: float
-    bias_lr: float
+    g_steps: int
 
 
-def run_seed(
-    seed: int, data: Data, cfg: Settings
-) -> tuple[
-    dict[str, dict[str, float]], dict[str, float], dict[str, float], dict[str, Tensor], float
-]:
+def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
+    """Every row for one model seed: per-start MSEs, drifts, chosen steps, validation errors."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {"err": {}, "extra": {}, "lr": {}, "val": {}, "g": {}, "pred": {}}
+
+    def score(row: str, net: nn.Module) -> None:
+        pred = predict(net, data)
+        out["pred"][row] = pred
+        out["err"][row] = per_start_mse(pred, data)
+        out["extra"][row] = drift_metrics(pred, data)
+
     parity = data.dynamics == "q2r"
     step = LatticeStep(parity=parity)
     train_one_step(step, data, cfg.one_step, 64, gen, f"seed {seed} vanilla")
-    vanilla = Rollout(step, horizon=data.test.shape[2] - 1)
-    preds = {"vanilla": predict(vanilla, data)}
-    control = Rollout(copy.deepcopy(step), horizon=10)
-    train_rollout(control, data, cfg.rollout, cfg.batch, gen, f"seed {seed} control")
-    control_eval = Rollout(control.step, horizon=vanilla.horizon)
-    preds["control"] = predict(control_eval, data)
-    preds["projection"] = predict(Projected(control_eval), data)
-    conserved = mean_spin if data.dynamics == "kawasaki" else bond_energy
-    preds["noether_oracle_bias"] = predict(
-        bias_tailoring(control.step, vanilla.horizon, cfg.bias_lr, conserved), data
+    score("vanilla", Rollout(step, horizon=10))
+    base = Rollout(copy.deepcopy(step), horizon=10)  # what every meta row starts from
+    train_rollout(base, base.parameters(), data, cfg.rollout, cfg.batch, seed, f"seed {seed} base")
+    control = copy.deepcopy(base)  # + the meta rows' steps on their batches: compute-matched
+    train_rollout(
+        control, control.parameters(), data, cfg.meta, cfg.batch, seed + 1, f"seed {seed} control"
     )
+    score("control", control)
+    score("projection", Projected(control))
 
-    oracle = noether(Rollout(copy.deepcopy(control.step), horizon=10), conserved, cfg.inner_lr)
-    train_rollout(oracle, data, cfg.meta, cfg.batch, gen, f"seed {seed} oracle")
-    oracle.model.horizon = vanilla.horizon
-    preds["noether_oracle"] = predict(oracle, data)
-
+    conserved = mean_spin if data.dynamics == "kawasaki" else bond_energy
+    train_states = data.train.unsqueeze(2)  # (n, 11, 1, L, L)
+    oracle_g = Standardized.fit(_Oracle(conserved), train_states)
     torch.manual_seed(seed)
-    g = EvenConvEmbedding()
-    init_stats = embedding_stats(g, data)
-    learned = noether(Rollout(copy.deepcopy(control.step), horizon=10), g, cfg.inner_lr)
-    seconds = train_rollout(learned, data, cfg.meta, cfg.batch, gen, f"seed {seed} learned")
-    learned.model.horizon = vanilla.horizon
-    preds["noether_learned"] = predict(learned, data)
-    stats = embedding_stats(g, data)
-    return {row: metrics(p, data) for row, p in preds.items()}, stats, init_stats, preds, seconds
+    raw_g = EvenConvEmbedding()
+    r_init = embedding_metrics(raw_g, data, None)["abs_r"]
+    learned_g = fit_conserved(
+        raw_g, train_states, steps=cfg.g_steps, lr=3e-3, batch=32, progress=False
+    ).embedding
+    out["g"]["testtime_learned"] = (learned_g, r_init)
+
+    gs = {"oracle": oracle_g, "learned": learned_g}
+    for name, g in gs.items():
+        net = noether(copy.deepcopy(control), g, 0.01)
+        row = f"testtime_{name}"
+        out["lr"][row], out["val"][row] = tune(net, data)
+        score(row, net)
+    bias = bias_tailoring(control.step, oracle_g)
+    out["lr"]["testtime_oracle_bias"], out["val"]["testtime_oracle_bias"] = tune(bias, data)
+    score("testtime_oracle_bias", bias)
+
+    for name, g in gs.items():  # joint meta-training from the base model, the control's batches
+        row = f"meta_{name}"
+        net = noether(copy.deepcopy(base), copy.deepcopy(g), out["lr"][f"testtime_{name}"])
+        if name == "oracle":
+            net.embedding.requires_grad_(False)
+        out.setdefault("seconds", {})[row] = train_rollout(
+            net, net.parameters(), data, cfg.meta, cfg.batch, seed + 1, f"seed {seed} {row}"
+        )
+        out["lr"][row], out["val"][row] = tune(net, data)
+        score(row, net)
+        score(f"{row}_untailored", net.model)
+        if name == "learned":
+            out["g"][row] = (net.embedding, r_init)
+    row = "meta_learned_frozen"  # on top of control, the predictor the test-time rows tailor
+    net = noether(
+        copy.deepcopy(control), copy.deepcopy(learned_g), out["lr"]["testtime_learned"], learn=True
+    )
+    train_rollout(net, list(net.tailoring_parameters()), data, cfg.meta, cfg.batch, seed + 1, row)
+    out["lr"][row], out["val"][row] = tune(net, data)
+    score(row, net)
+    score(f"{row}_untailored", net.model)
+    out["g"][row] = (net.embedding, r_init)
+    return out
+
+
+class _Oracle(nn.Module):
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, s: Tensor) -> Tensor:
+        return self.fn(s)
 
 
 def plot(data: Data, preds: dict[str, Tensor], path: Path) -> None:
@@ -374,38 +458,17 @@ def plot(data: Data, preds: dict[str, Tensor], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    horizon = data.test.shape[2] - 1
-    times = sorted({t for t in (1, 5, 10, horizon) if t <= horizon})
-    k = 0
-    columns = ["truth", "ensemble mean", *ROWS]
-    fig, axes = plt.subplots(len(times) + 1, len(columns), figsize=(2.1 * len(columns), 2.1 * 5.6))
-    ens = data.test[k, :, 1:].mean(0)
-    for j, name in enumerate(columns):
-        for i, t in enumerate(times):
-            if name == "truth":
-                img = data.test[k, 0, t]
-            elif name == "ensemble mean":
-                img = ens[t - 1]
-            else:
-                img = preds[name][k, t - 1]
-            ax = axes[i, j]
-            ax.imshow(img, vmin=-1, vmax=1, cmap="coolwarm")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"t = {t}")
-    for j in range(len(columns)):
-        axes[-1, j].axis("off")
-    ax = fig.add_subplot(len(times) + 1, 1, len(times) + 1)
+    rows = ["control", "projection", "testtime_oracle", "testtime_learned", "meta_learned"]
+    rows = [r for r in rows if r in preds]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
     m0 = data.test[:, 0, 0].mean(dim=(-2, -1))
-    for name in ROWS:
+    for name in ["vanilla", *rows]:
         drift = (preds[name].mean(dim=(-2, -1)) - m0[:, None]).abs().mean(0)
         ax.plot(range(1, len(drift) + 1), drift, label=name)
     ax.set_xlabel("predicted sweep")
     ax.set_ylabel("|M(pred) - M(x0)| per site")
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("magnetisation drift, first data and model seed")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -420,12 +483,10 @@ def main() -> None:
     parser.add_argument("--dynamics", choices=["kawasaki", "q2r"], default="kawasaki")
     parser.add_argument("--size", type=int, default=16, help="lattice side L (a multiple of 4)")
     parser.add_argument("--horizon", type=int, default=20, help="predicted sweeps T")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--data-seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inner-lr", type=float, default=0.01, help="initial inner step size")
-    parser.add_argument(
-        "--bias-lr", type=float, default=1e-4, help="step size of the test-time bias row"
-    )
+    parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -436,80 +497,85 @@ def main() -> None:
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     quick = args.quick
-    data = make_data(
-        args.dynamics,
-        args.size,
-        4 if quick else args.horizon,
-        n_train=32 if quick else 300,
-        n_test=8 if quick else 64,
-        ensemble=4 if quick else 32,
-    )
+    n_seeds = args.seeds if args.seeds is not None else (1 if quick else 2)
+    seeds = list(range(args.seed, args.seed + n_seeds))
+    data_seeds = list(range(args.data_seed, args.data_seed + args.data_seeds))
     cfg = Settings(
         one_step=30 if quick else 1500,
         rollout=5 if quick else 300,
         meta=3 if quick else 600,
         batch=8,
-        inner_lr=args.inner_lr,
-        bias_lr=args.bias_lr,
+        g_steps=10 if quick else 300,
     )
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    results = []
-    for s in seeds:
-        results.append(run_seed(s, data, cfg))
-    per_row = {row: [r[0][row] for r in results] for row in ROWS + EXTRA_ROWS}
-
-    def mean(row: str, key: str) -> float:
-        return statistics.fmean(m[key] for m in per_row[row])
-
-    stats = {k: statistics.fmean(r[1][k] for r in results) for k in ("within", "r_m", "r_h")}
-    init = {k: statistics.fmean(r[2][k] for r in results) for k in ("within", "r_m", "r_h")}
-    seconds_per_step = statistics.fmean(r[4] for r in results)
-    report = {
-        "dynamics": args.dynamics,
-        "seeds": seeds,
-        "rmse_ensemble": {row: mean(row, "rmse_ensemble") for row in ROWS},
-        "rmse_ensemble_per_seed": {row: [m["rmse_ensemble"] for m in per_row[row]] for row in ROWS},
-        "m_drift": {row: mean(row, "m_drift") for row in ROWS},
-        "m_drift_final": {row: mean(row, "m_drift_final") for row in ROWS},
-        "energy_error": {row: mean(row, "energy_error") for row in ROWS},
-        "g_within_var_frac": stats["within"],
-        "g_within_var_frac_init": init["within"],
-        "g_abs_pearson_m": stats["r_m"],
-        "g_abs_pearson_m_init": init["r_m"],
-        "g_abs_pearson_h": stats["r_h"],
-        "seconds": time.perf_counter() - start,
+    runs = []
+    for data_seed in data_seeds:
+        data = make_data(
+            args.dynamics,
+            args.size,
+            4 if quick else args.horizon,
+            n_train=32 if quick else 330,
+            n_test=8 if quick else 64,
+            ensemble=4 if quick else 32,
+            seed=data_seed,
+        )
+        for s in seeds:
+            run = run_seed(s, data, cfg)
+            run["data"] = data
+            runs.append(run)
+    names = list(runs[0]["err"])
+    errors = {row: np.stack([r["err"][row] for r in runs]) for row in names}
+    extras = {
+        row: {k: statistics.fmean(r["extra"][row][k] for r in runs) for k in runs[0]["extra"][row]}
+        for row in names
     }
-    ctrl = report["rmse_ensemble"]["control"]  # type: ignore[index]
-    drift_ctrl = report["m_drift"]["control"]  # type: ignore[index]
-    print(
-        f"\n{args.dynamics}, L = {args.size}, T = {data.test.shape[2] - 1}, {len(seeds)} seed(s); "
-        "ratios to control"
+    rows = protocol.row_metrics(errors, extras=extras)
+    noether_rows = list(runs[0]["val"])
+    val = {row: statistics.fmean(r["val"][row] for r in runs) for row in noether_rows}
+    selected = protocol.select_row(val)
+    inner_lr: dict[str, float | None] = dict.fromkeys(names)
+    for row in noether_rows:
+        inner_lr[row] = statistics.fmean(r["lr"][row] for r in runs)
+        rows[row]["validation_error"] = val[row]
+        rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
+    embeddings: dict[str, dict[str, Any]] = {}
+    for row in runs[0]["g"]:
+        metrics = [embedding_metrics(r["g"][row][0], r["data"], r["g"][row][1]) for r in runs]
+        embeddings[row] = {k: statistics.fmean(m[k] for m in metrics) for k in metrics[0]}
+    seconds = [r["seconds"]["meta_learned"] for r in runs]
+    report = {
+        "example": "ising",
+        "dynamics": args.dynamics,
+        "data_seeds": data_seeds,
+        "seeds": seeds,
+        "seconds": time.perf_counter() - start,
+        "metric": "RMSE against the ensemble mean of 32 realisations, over the test horizon",
+        "inner_lr": inner_lr,
+        "selected": selected,
+        "rows": rows,
+        "embeddings": embeddings,
+        "seconds_per_meta_step": statistics.fmean(seconds),
+    }
+    protocol.print_table(
+        f"{args.dynamics}, L = {args.size}, T = {runs[0]['data'].test.shape[2] - 1}, data seeds "
+        f"{data_seeds}, model seeds {seeds}; ratios to vanilla, 95% bootstrap",
+        rows,
+        inner_lr=inner_lr,
+        selected=selected,
+        extra_columns=[
+            ("m_drift", "M drift", ".4f"),
+            ("m_drift_final", "M drift@T", ".4f"),
+            ("energy_error", "E error", ".4f"),
+        ],
     )
-    print(
-        f"{'row':<20}{'RMSE vs ens. mean':>19}{'ratio':>8}{'M drift':>9}{'ratio':>8}"
-        f"{'M drift @T':>11}{'E error':>9}"
-    )
-    for row in ROWS + EXTRA_ROWS:
-        rm = mean(row, "rmse_ensemble")
-        per_seed = [m["rmse_ensemble"] for m in per_row[row]]
-        std = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
-        dr = mean(row, "m_drift")
+    for row, m in embeddings.items():
         print(
-            f"{row:<20}{rm:>11.4f} ± {std:<6.4f}{rm / ctrl:>7.3f}×{dr:>9.4f}"
-            f"{dr / drift_ctrl:>7.3f}×{mean(row, 'm_drift_final'):>11.4f}"
-            f"{mean(row, 'energy_error'):>9.4f}"
-        )  # type: ignore[index]
-    print(
-        f"learned g: within-trajectory variance fraction {stats['within']:.4f} "
-        f"(at init {init['within']:.4f}); |r(g, M)| {stats['r_m']:.3f} (init {init['r_m']:.3f}); "
-        f"|r(g, H)| {stats['r_h']:.3f} (init {init['r_h']:.3f})"
-    )
-    print(f"seconds per meta-training step (learned row): {seconds_per_step:.3f}")
+            f"g {row:<22} |r(g,M)| {m['abs_r']:.3f} (init {m['abs_r_init']:.3f})  within-var "
+            f"{m['within_var_frac']:.4f}  |cos(grad g, grad M)| {m['grad_cos']:.3f}"
+        )
+    print(f"seconds per meta-training step (meta_learned): {report['seconds_per_meta_step']:.3f}")
     if args.plot is not None:
-        plot(data, results[0][3], args.plot)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        plot(runs[0]["data"], runs[0]["pred"], args.plot)
+    protocol.write_json(args.json, report)
     print(f"done in {report['seconds']:.0f} s")
 
 

@@ -172,3 +172,39 @@ def write_json(path: Path | None, report: Mapping[str, Any]) -> None:
         raise ValueError(f"report lacks {sorted(missing)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
+
+
+def markdown_table(
+    report: Mapping[str, Any], extra_columns: Sequence[tuple[str, str, str]] = ()
+) -> str:
+    """The report's rows as a markdown table (the docs quote these, never rounder numbers)."""
+    head = ["row", "error", "ratio", "95% CI", "/ control", "median", "improved", "worst", "step"]
+    head += [h for _, h, _ in extra_columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in report["rows"].items():
+        step = report["inner_lr"].get(name)
+        ctrl = m["ratio_to_control"]
+        label = f"**{name}** (selected)" if name == report["selected"] else name
+        cells = [
+            label,
+            f"{m['error']:.4f}",
+            f"{m['ratio']:.3f}",
+            f"[{m['ratio_ci'][0]:.3f}, {m['ratio_ci'][1]:.3f}]",
+            "—" if ctrl is None else f"{ctrl:.3f}",
+            f"{m['median_ratio']:.3f}",
+            f"{m['improved']}/{m['n_test']}",
+            f"{m['worst_share']:.2f}",
+            "—" if step is None else f"{step:.3g}",
+        ]
+        for key, _, fmt in extra_columns:
+            value = m.get(key)
+            cells.append("—" if value is None else format(value, fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        print(markdown_table(json.loads(Path(arg).read_text())))

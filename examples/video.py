@@ -1,9 +1,9 @@
 """Video prediction from raw pixels: a ball on a spring, tailored with a conv embedding over frame
-pairs — the paper's main setting, on rendered physics with an exactly known energy.
+pairs (the paper's main setting), on rendered physics with an exactly known energy.
 
-    python examples/video.py                     # 3 seeds, several minutes on 2 cores
+    python examples/video.py                     # data seed 0, 2 model seeds
+    python examples/video.py --seeds 3 --json runs/video.json --plot runs/video.png
     python examples/video.py --quick             # smoke run for tests
-    python examples/video.py --json runs/video.json --plot runs/video.png
 
 Clips: 32x32 grayscale frames of a soft Gaussian ball on a frictionless 2-D spring,
 E = |v|^2 / 2 + k |x|^2 / 2, random initial conditions with a spread of energies. 2 observed
@@ -11,33 +11,41 @@ frames, T = 10 predicted frames. The predictor is a small conv encoder-decoder t
 two frames and predicts the next one as a residual, clamped to [0, 1] in the forward pass with the
 gradient passed straight through; it is rolled out autoregressively (time at dim 1).
 
-Rows: vanilla (teacher forcing, then rollout training); control (the same extra rollout training as
-the Noether rows, no tailoring); noether (a ConvEmbedding over window-2 frame pairs, meta-trained
-end to end); noether_untailored (noether's weights run with inner_steps = 0: what the tailoring
-step itself changes); oracle (g = the ball's energy from a differentiable intensity centroid).
+Rows, on the protocol of examples/protocol.py (docs/video.md): vanilla (teacher forcing, then
+rollout training); control (vanilla trained further for as many steps, on the same batches, as
+the meta rows); testtime_oracle (vanilla tailored at prediction time with g = the ball's energy
+from a thresholded intensity centroid) and testtime_learned (g a ConvEmbedding over frame pairs,
+pretrained with fit_conserved on the training clips); meta_learned_frozen (g and the step
+meta-trained, the predictor frozen) and meta_learned (joint, as the paper), each also untailored.
+Every step size is chosen by tune_inner_lr on validation clips carved from the training set (used
+for nothing else); ``selected`` is the Noether row with the lowest validation error.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from noether_wrap import NoetherWrapper, Rollout
-from noether_wrap.embeddings import ConvEmbedding
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+from noether_wrap import NoetherWrapper, Rollout, fit_conserved, tune_inner_lr  # noqa: E402
+from noether_wrap.embeddings import ConvEmbedding, Standardized  # noqa: E402
 
 SIZE, OBSERVED, HORIZON, DT, K_SPRING, SIGMA = 32, 2, 10, 0.15, 1.0, 3.0
-ROWS = ["vanilla", "control", "noether", "noether_untailored", "oracle"]
+CANDIDATES = (0.1, 0.316, 1.0, 3.16, 10.0)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -156,73 +164,6 @@ class CentroidEnergy(nn.Module):
         return spring_energy(second, (second - first) / DT)
 
 
-def wrap(step: nn.Module, g: nn.Module, cfg: Settings) -> NoetherWrapper:
-    return NoetherWrapper(
-        Rollout(step, HORIZON, context=2),
-        g,
-        inner_steps=1,
-        inner_lr=cfg.inner_lr,
-        window=2,
-        inner_horizon=3,
-        max_inner_grad_norm=cfg.inner_clip,
-    )
-
-
-# --- training and metrics ----------------------------------------------------------------------
-
-
-@dataclass
-class Settings:
-    teacher: int
-    rollout: int
-    meta: int
-    batch: int
-    lr: float
-    g_lr: float
-    inner_lr: float
-    inner_clip: float
-
-
-def train(
-    net: nn.Module,
-    clips: Clips,
-    steps: int,
-    cfg: Settings,
-    gen: torch.Generator,
-    desc: str,
-    teacher: bool = False,
-    g: nn.Module | None = None,
-) -> float:
-    """Adam on the frame MSE (teacher forcing or full rollouts); ``g`` gets its own lr."""
-    g_params = {id(p) for p in g.parameters()} if g is not None else set()
-    groups = [{"params": [p for p in net.parameters() if id(p) not in g_params], "lr": cfg.lr}]
-    if g is not None:
-        groups.append({"params": list(g.parameters()), "lr": cfg.g_lr})
-    opt = torch.optim.Adam(groups)
-    frames = clips.frames
-    start = time.perf_counter()
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        idx = torch.randint(frames.shape[0], (cfg.batch,), generator=gen)
-        clip = frames[idx]
-        if teacher:
-            t = int(torch.randint(OBSERVED, OBSERVED + HORIZON, (1,), generator=gen))
-            loss = nn.functional.mse_loss(net(clip[:, t - 2 : t]), clip[:, t])
-        else:
-            loss = nn.functional.mse_loss(net(clip[:, :OBSERVED]), clip[:, OBSERVED:])
-        opt.zero_grad()
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        if not torch.isfinite(norm):  # an exploding outer gradient: skip the step, say so
-            skipped[desc] = skipped.get(desc, 0) + 1
-            continue
-        opt.step()
-    return (time.perf_counter() - start) / max(steps, 1)
-
-
-#: Training steps skipped for a non-finite outer gradient, by run.
-skipped: dict[str, int] = {}
-
-
 def ssim(a: Tensor, b: Tensor) -> Tensor:
     """SSIM, 11x11 Gaussian window (sigma 1.5), per image: ``(..., 1, H, W)`` -> ``(...)``."""
     coords = torch.arange(11, dtype=a.dtype) - 5
@@ -245,6 +186,72 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     return s.mean(dim=(-3, -2, -1)).reshape(shape)
 
 
+def wrap(step: nn.Module, g: nn.Module, inner_lr: float, learn: bool = False) -> NoetherWrapper:
+    """One step on a 3-step inner horizon; the inner gradient clipped to 1e-3 per clip, so every
+    step moves the weights by ``inner_lr * 1e-3`` (a normalised step)."""
+    return NoetherWrapper(
+        Rollout(step, HORIZON, context=2),
+        g,
+        inner_steps=1,
+        inner_lr=inner_lr,
+        learn_inner_lr=learn,
+        window=2,
+        inner_horizon=3,
+        max_inner_grad_norm=1e-3,
+    )
+
+
+# --- training and metrics ----------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    teacher: int
+    rollout: int
+    meta: int
+    batch: int
+    lr: float
+    g_steps: int
+
+
+#: Training steps skipped for a non-finite outer gradient, by run.
+skipped: dict[str, int] = {}
+
+
+def train(
+    net: nn.Module,
+    params: Any,
+    clips: Clips,
+    steps: int,
+    cfg: Settings,
+    seed: int,
+    desc: str,
+    teacher: bool = False,
+) -> float:
+    """Adam on the frame MSE (teacher forcing or full rollouts); s per step. Batches come from a
+    generator seeded with ``seed``: rows given the same seed see the same batches."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    frames = clips.frames
+    start = time.perf_counter()
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        idx = torch.randint(frames.shape[0], (cfg.batch,), generator=gen)
+        clip = frames[idx]
+        if teacher:
+            t = int(torch.randint(OBSERVED, OBSERVED + HORIZON, (1,), generator=gen))
+            loss = nn.functional.mse_loss(net(clip[:, t - 2 : t]), clip[:, t])
+        else:
+            loss = nn.functional.mse_loss(net(clip[:, :OBSERVED]), clip[:, OBSERVED:])
+        opt.zero_grad()
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        if not torch.isfinite(norm):  # an exploding outer gradient: skip the step, say so
+            skipped[desc] = skipped.get(desc, 0) + 1
+            continue
+        opt.step()
+    return (time.perf_counter() - start) / max(steps, 1)
+
+
 def predict(net: nn.Module, clips: Clips, chunk: int = 32) -> Tensor:
     outs = []
     with torch.no_grad():
@@ -253,85 +260,116 @@ def predict(net: nn.Module, clips: Clips, chunk: int = 32) -> Tensor:
     return torch.cat(outs)
 
 
-def frame_metrics(pred: Tensor, clips: Clips) -> dict[str, Any]:
+def tune(net: NoetherWrapper, valid: Clips) -> tuple[float, float]:
+    """``tune_inner_lr`` on the validation clips; returns the step and its validation MSE."""
+    frames = valid.frames
+    result = tune_inner_lr(
+        net, frames[:, :OBSERVED], frames[:, OBSERVED:], candidates=CANDIDATES, chunk=32
+    )
+    return result.best, result.losses[result.best]
+
+
+def per_clip(pred: Tensor, clips: Clips) -> tuple[np.ndarray, dict[str, Any]]:
     truth = clips.frames[:, OBSERVED:]
-    per_step = (pred - truth).pow(2).mean(dim=(0, 2, 3, 4))
-    return {
-        "mse": float(per_step.mean()),
-        "mse_last": float(per_step[-1]),
-        "mse_per_step": per_step.tolist(),
+    err = (pred - truth).pow(2)
+    return err.mean(dim=(1, 2, 3, 4)).double().numpy(), {
+        "mse_last": float(err[:, -1].mean()),
+        "mse_per_step": err.mean(dim=(0, 2, 3, 4)).tolist(),
         "ssim": float(ssim(pred, truth).mean()),
         "blank": bool(pred[:, -1].amax(dim=(-3, -2, -1)).min() < 0.2),
         "finite": bool(torch.isfinite(pred).all()),
     }
 
 
-def embedding_stats(g: nn.Module, clips: Clips) -> dict[str, float]:
-    """|Pearson r| between g (averaged over a clip's windows) and the clip's energy, and g's
-    within-clip variance fraction, on the true test clips."""
+def embedding_metrics(g: nn.Module, clips: Clips, r_init: float | None) -> dict[str, Any]:
+    """|r| between g (averaged over a clip's windows) and the clip's energy, and g's within-clip
+    variance fraction, on the true test clips (scalar g)."""
     frames = clips.frames
     pairs = torch.cat([frames[:, :-1], frames[:, 1:]], dim=2)  # (n, T - 1, 2, H, W)
     with torch.no_grad():
-        values = g(pairs.flatten(0, 1))
-    values = values.reshape(frames.shape[0], -1, values.shape[-1] if values.dim() > 1 else 1)
-    # a vector embedding: use its first principal direction over all windows
-    flat = values.reshape(-1, values.shape[-1]).double()
-    centred = flat - flat.mean(0)
-    direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
-    scalar = values.double() @ direction  # (n, windows)
-    within = (scalar - scalar.mean(1, keepdim=True)).pow(2).mean()
-    total = (scalar - scalar.mean()).pow(2).mean()
-    per_clip = scalar.mean(1)
-    e = clips.energy.double()
-    a, b = per_clip - per_clip.mean(), e - e.mean()
-    r = (a * b).sum() / (a.norm() * b.norm() + 1e-12)
-    return {"r": abs(float(r)), "within": float(within / (total + 1e-30))}
-
-
-def run_seed(seed: int, train_clips: Clips, test_clips: Clips, cfg: Settings) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    step = FramePredictor()
-    train(step, train_clips, cfg.teacher, cfg, gen, f"seed {seed} teacher forcing", teacher=True)
-    vanilla = Rollout(step, HORIZON, context=2)
-    train(vanilla, train_clips, cfg.rollout, cfg, gen, f"seed {seed} vanilla rollouts")
-    preds = {"vanilla": predict(vanilla, test_clips)}
-
-    control = Rollout(copy.deepcopy(step), HORIZON, context=2)
-    train(control, train_clips, cfg.meta, cfg, gen, f"seed {seed} control")
-    preds["control"] = predict(control, test_clips)
-
-    torch.manual_seed(seed)
-    g = ConvEmbedding(1, window=2, out_features=8, hidden=16)
-    net = wrap(copy.deepcopy(step), g, cfg)
-    seconds = train(net, train_clips, cfg.meta, cfg, gen, f"seed {seed} noether", g=g)
-    preds["noether"] = predict(net, test_clips)
-    net.inner_steps = 0
-    preds["noether_untailored"] = predict(net, test_clips)
-    stats = embedding_stats(g, test_clips)
-
-    oracle = wrap(copy.deepcopy(step), CentroidEnergy(), cfg)
-    train(oracle, train_clips, cfg.meta, cfg, gen, f"seed {seed} oracle")
-    preds["oracle"] = predict(oracle, test_clips)
+        codes = g(pairs.flatten(0, 1)).reshape(frames.shape[0], -1)
     return {
-        "metrics": {row: frame_metrics(p, test_clips) for row, p in preds.items()},
-        "g": stats,
-        "seconds": seconds,
-        "preds": preds,
-        "inner_lr": net.inner_lr,
+        "abs_r": protocol.pearson(codes.mean(1), clips.energy),
+        "abs_r_init": r_init,
+        "within_var_frac": protocol.within_var_frac(codes),
+        "grad_cos": None,
     }
 
 
-def plot(result: dict[str, Any], clips: Clips, path: Path) -> None:
+def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Settings) -> dict:  # type: ignore[type-arg]
+    torch.manual_seed(seed)
+    out: dict[str, Any] = {"err": {}, "extra": {}, "lr": {}, "val": {}, "g": {}, "pred": {}}
+
+    def score(row: str, net: nn.Module) -> None:
+        pred = predict(net, test)
+        out["pred"][row] = pred
+        out["err"][row], out["extra"][row] = per_clip(pred, test)
+
+    step = FramePredictor()
+    train(
+        step, step.parameters(), train_clips, cfg.teacher, cfg, seed, f"seed {seed} teacher", True
+    )
+    vanilla = Rollout(step, HORIZON, context=2)
+    train(
+        vanilla,
+        vanilla.parameters(),
+        train_clips,
+        cfg.rollout,
+        cfg,
+        seed + 1,
+        f"seed {seed} vanilla",
+    )
+    score("vanilla", vanilla)
+    control = copy.deepcopy(vanilla)
+    train(
+        control, control.parameters(), train_clips, cfg.meta, cfg, seed + 2, f"seed {seed} control"
+    )
+    score("control", control)
+
+    oracle = Standardized.fit(CentroidEnergy(), train_clips.frames, window=2)
+    torch.manual_seed(seed)
+    raw = ConvEmbedding(1, window=2, out_features=1, hidden=16)
+    r_init = embedding_metrics(raw, test, None)["abs_r"]
+    learned = fit_conserved(
+        raw, train_clips.frames, window=2, steps=cfg.g_steps, batch=32, progress=False
+    ).embedding
+    out["g"]["testtime_learned"] = (learned, r_init)
+    for name, g in (("oracle", oracle), ("learned", learned)):
+        net = wrap(copy.deepcopy(step), g, 1.0)
+        row = f"testtime_{name}"
+        out["lr"][row], out["val"][row] = tune(net, valid)
+        score(row, net)
+
+    row = "meta_learned_frozen"
+    net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["lr"]["testtime_learned"], True)
+    train(net, list(net.tailoring_parameters()), train_clips, cfg.meta, cfg, seed + 2, row)
+    out["lr"][row], out["val"][row] = tune(net, valid)
+    score(row, net)
+    score(f"{row}_untailored", net.model)
+    out["g"][row] = (net.embedding, r_init)
+    row = "meta_learned"
+    net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["lr"]["testtime_learned"], True)
+    out["seconds"] = train(net, net.parameters(), train_clips, cfg.meta, cfg, seed + 2, row)
+    out["lr"][row], out["val"][row] = tune(net, valid)
+    score(row, net)
+    score(f"{row}_untailored", net.model)
+    out["g"][row] = (net.embedding, r_init)
+    return out
+
+
+def plot(run: dict[str, Any], clips: Clips, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    preds = result["preds"]
+    preds = run["pred"]
+    rows = [
+        r for r in ("vanilla", "control", "testtime_oracle", "testtime_learned", "meta_learned")
+    ]
     k = int(torch.argmax(clips.energy))  # the most energetic test clip: the hardest
     steps = [0, 2, 4, 6, 9]
-    names = ["truth", *ROWS]
+    names = ["truth", *rows]
     fig = plt.figure(figsize=(1.6 * len(steps) + 4.5, 1.6 * len(names)))
     grid = fig.add_gridspec(len(names), len(steps) + 3)
     for i, name in enumerate(names):
@@ -346,8 +384,8 @@ def plot(result: dict[str, Any], clips: Clips, path: Path) -> None:
             if j == 0:
                 ax.set_ylabel(name, fontsize=7)
     ax = fig.add_subplot(grid[:, len(steps) :])
-    for name in ROWS:
-        ax.plot(range(1, HORIZON + 1), result["metrics"][name]["mse_per_step"], label=name)
+    for name in rows:
+        ax.plot(range(1, HORIZON + 1), run["extra"][name]["mse_per_step"], label=name)
     ax.set_xlabel("predicted frame")
     ax.set_ylabel("frame MSE")
     ax.legend(fontsize=7)
@@ -362,108 +400,106 @@ def main() -> None:
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=None, help="number of model seeds (3)")
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--data-seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--meta-steps", type=int, default=None, help="meta-training steps (300)")
-    parser.add_argument(
-        "--inner-lr",
-        type=float,
-        default=1.0,
-        help="initial inner step size; with the 1e-3 gradient clip, every inner "
-        "step moves the weights by inner_lr * 1e-3",
-    )
+    parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     quick = args.quick
-    gen = torch.Generator().manual_seed(1234)
-    train_clips = make_clips(64 if quick else 1024, gen)
-    test_clips = make_clips(16 if quick else 256, gen)
-    meta = args.meta_steps if args.meta_steps is not None else (3 if quick else 300)
     cfg = Settings(
         teacher=20 if quick else 1500,
         rollout=5 if quick else 300,
-        meta=meta,
+        meta=3 if quick else 300,
         batch=16,
         lr=1e-3,
-        g_lr=1e-4,
-        inner_lr=args.inner_lr,
-        inner_clip=1e-3,
+        g_steps=10 if quick else 300,
     )
-    n_seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
+    n_seeds = args.seeds if args.seeds is not None else (1 if quick else 2)
     seeds = list(range(args.seed, args.seed + n_seeds))
-    results = []
-    for s in seeds:
-        results.append(run_seed(s, train_clips, test_clips, cfg))
-        m = results[-1]["metrics"]
-        print(
-            f"seed {s}: last-step MSE " + ", ".join(f"{r} {m[r]['mse_last']:.5f}" for r in ROWS),
-            flush=True,
-        )
-
-    def per(row: str, key: str) -> list[float]:
-        return [r["metrics"][row][key] for r in results]
-
+    data_seeds = list(range(args.data_seed, args.data_seed + args.data_seeds))
+    runs = []
+    for data_seed in data_seeds:
+        gen = torch.Generator().manual_seed(data_seed)
+        train_clips = make_clips(64 if quick else 1024, gen)
+        test_clips = make_clips(16 if quick else 256, gen)
+        n_valid = 16 if quick else 128
+        valid = Clips(train_clips.frames[-n_valid:], train_clips.energy[-n_valid:])
+        fit_clips = Clips(train_clips.frames[:-n_valid], train_clips.energy[:-n_valid])
+        for s in seeds:
+            run = run_seed(s, fit_clips, valid, test_clips, cfg)
+            run["test"] = test_clips
+            runs.append(run)
+    names = list(runs[0]["err"])
+    errors = {row: np.stack([r["err"][row] for r in runs]) for row in names}
+    extras: dict[str, dict[str, Any]] = {}
+    for row in names:
+        per_seed = [r["extra"][row] for r in runs]
+        extras[row] = {
+            "mse_last": statistics.fmean(e["mse_last"] for e in per_seed),
+            "mse_last_per_seed": [e["mse_last"] for e in per_seed],
+            "mse_last_to_control_per_seed": [
+                e["mse_last"] / r["extra"]["control"]["mse_last"] for e, r in zip(per_seed, runs)
+            ],
+            "ssim": statistics.fmean(e["ssim"] for e in per_seed),
+            "ssim_per_seed": [e["ssim"] for e in per_seed],
+            "blank_or_nan": any(e["blank"] or not e["finite"] for e in per_seed),
+        }
+    rows = protocol.row_metrics(errors, extras=extras)
+    noether_rows = list(runs[0]["val"])
+    val = {row: statistics.fmean(r["val"][row] for r in runs) for row in noether_rows}
+    selected = protocol.select_row(val)
+    inner_lr: dict[str, float | None] = dict.fromkeys(names)
+    for row in noether_rows:
+        inner_lr[row] = statistics.fmean(r["lr"][row] for r in runs)
+        rows[row]["validation_error"] = val[row]
+        rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
+    embeddings: dict[str, dict[str, Any]] = {}
+    for row in runs[0]["g"]:
+        metrics = [embedding_metrics(r["g"][row][0], r["test"], r["g"][row][1]) for r in runs]
+        embeddings[row] = {
+            k: None if metrics[0][k] is None else statistics.fmean(m[k] for m in metrics)
+            for k in metrics[0]
+        }
     report = {
-        "mse": {row: statistics.fmean(per(row, "mse")) for row in ROWS},
-        "mse_last": {row: statistics.fmean(per(row, "mse_last")) for row in ROWS},
-        "mse_std": {row: float(torch.tensor(per(row, "mse")).std(unbiased=False)) for row in ROWS},
-        "ssim": {row: statistics.fmean(per(row, "ssim")) for row in ROWS},
-        "mse_per_step": {
-            row: torch.tensor([r["metrics"][row]["mse_per_step"] for r in results]).mean(0).tolist()
-            for row in ROWS
-        },
-        "g_energy_abs_pearson": statistics.fmean(r["g"]["r"] for r in results),
-        "g_within_var_frac": statistics.fmean(r["g"]["within"] for r in results),
+        "example": "video",
+        "data_seeds": data_seeds,
         "seeds": seeds,
-        "seconds": 0.0,
+        "seconds": time.perf_counter() - start,
+        "metric": "RMSE over the 10 predicted frames of the test clips",
+        "inner_lr": inner_lr,
+        "selected": selected,
+        "rows": rows,
+        "embeddings": embeddings,
+        "seconds_per_meta_step": statistics.fmean(r["seconds"] for r in runs),
+        "skipped_steps": dict(skipped),
     }
-    print(
-        f"\nball on a spring, {test_clips.frames.shape[0]} test clips, {len(seeds)} seed(s); "
-        "ratios to vanilla"
+    protocol.print_table(
+        f"ball on a spring, {runs[0]['test'].frames.shape[0]} test clips, data seeds "
+        f"{data_seeds}, model seeds {seeds}; ratios to vanilla, 95% bootstrap",
+        rows,
+        inner_lr=inner_lr,
+        selected=selected,
+        extra_columns=[("mse_last", "last MSE", ".5f"), ("ssim", "SSIM", ".3f")],
     )
-    print(f"{'row':<20}{'MSE mean ± std':>22}{'ratio':>8}{'last-step MSE':>15}{'SSIM':>8}")
-    for row in ROWS:
+    for row, m in embeddings.items():
         print(
-            f"{row:<20}{report['mse'][row]:>12.5f} ± {report['mse_std'][row]:<7.5f}"
-            f"{report['mse'][row] / report['mse']['vanilla']:>7.3f}×"
-            f"{report['mse_last'][row]:>15.5f}{report['ssim'][row]:>8.3f}"
+            f"g {row:<22} |r(g,E)| {m['abs_r']:.3f} (init {m['abs_r_init']:.3f})  within-clip "
+            f"var {m['within_var_frac']:.4f}"
         )
-    gains = [
-        1 - a / b for a, b in zip(per("noether", "mse_last"), per("noether_untailored", "mse_last"))
-    ]
-    print(
-        "tailoring step itself (noether vs noether_untailored), last-step MSE change per seed: "
-        + ", ".join(f"{-100 * x:+.1f} %" for x in gains)
-    )
-    bad = [
-        row
-        for row in ROWS
-        for r in results
-        if not r["metrics"][row]["finite"] or r["metrics"][row]["blank"]
-    ]
-    print("NaN or blank-frame collapse: " + (", ".join(sorted(set(bad))) or "none"))
+    bad = [row for row in names if rows[row]["blank_or_nan"]]
+    print("NaN or blank-frame collapse: " + (", ".join(bad) or "none"))
     print(
         "training steps skipped for a non-finite gradient: "
         + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none")
     )
-    print(
-        f"learned g: |r(g, E)| {report['g_energy_abs_pearson']:.3f}, within-clip variance "
-        f"fraction {report['g_within_var_frac']:.3f}; learned step size "
-        f"{statistics.fmean(r['inner_lr'] for r in results):.3g}"
-    )
-    print(
-        f"seconds per meta-training step (noether): "
-        f"{statistics.fmean(r['seconds'] for r in results):.3f}"
-    )
-    report["seconds"] = time.perf_counter() - start
+    print(f"seconds per meta-training step (meta_learned): {report['seconds_per_meta_step']:.3f}")
     if args.plot is not None:
-        plot(results[0], test_clips, args.plot)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        plot(runs[0], runs[0]["test"], args.plot)
+    protocol.write_json(args.json, report)
     print(f"done in {report['seconds']:.0f} s")
 
 

@@ -1,0 +1,178 @@
+"""What a wrapped training step costs against the UNWRAPPED model, for the models of
+docs/compatibility.md, and the affine path against the batch-shared step.
+
+    python benchmarks/compat.py                  # prints ratios; --json PATH keeps them
+    python benchmarks/compat.py --quick          # a smoke run
+
+Every cell: median wall time of a training step (forward, MSE backward, SGD step) over
+interleaved repetitions, at k = 1, as a ratio to the unwrapped model's step on the same batch.
+Thread count: 2 unless --threads says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_affine import _Seq2Seq, _Transformer  # noqa: E402
+
+from noether_wrap import Affine, NoetherWrapper, Rollout  # noqa: E402
+from noether_wrap.embeddings import MLPEmbedding  # noqa: E402
+
+
+class _GRUStack(nn.Module):
+    """The issue's probe: GRU(2 -> 64), Linear(64 -> 64), head; predicts 5 frames."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(2, 64, batch_first=True)
+        self.middle = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        h, _ = self.gru(frames)
+        out: torch.Tensor = self.head(torch.tanh(self.middle(h[:, -5:])))
+        return out
+
+
+class _ODE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.field = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 2))
+        self.register_buffer("t", torch.linspace(0, 1, 6))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        from torchdiffeq import odeint
+
+        out = odeint(
+            lambda t, x: self.field(x), x0, self.t, method="rk4", options={"step_size": 0.1}
+        )
+        result: torch.Tensor = out[1:].transpose(0, 1)
+        return result
+
+
+def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def run() -> None:
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+
+    return run
+
+
+def _time(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()  # warm up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    reps = 3 if args.quick else 15
+    report: dict[str, dict[str, float]] = {}
+
+    def frames(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(batch, 6, 2), torch.randn(batch, 5, 2)
+
+    recipes: list[
+        tuple[str, Callable[[], nn.Module], dict[str, object], Callable[[int], tuple]]
+    ] = [
+        ("GRU seq2seq", lambda: _Seq2Seq(nn.GRU), {"adapt": Affine("decoder")}, frames),
+        ("LSTM seq2seq", lambda: _Seq2Seq(nn.LSTM), {"adapt": Affine("decoder")}, frames),
+        (
+            "Transformer (causal)",
+            _Transformer,
+            {"adapt": Affine("encoder.layers.*.linear2")},
+            frames,
+        ),
+        (
+            "MLP + Dropout (Rollout)",
+            lambda: Rollout(
+                nn.Sequential(nn.Linear(2, 64), nn.Dropout(0.1), nn.Tanh(), nn.Linear(64, 2)), 5
+            ),
+            {},
+            lambda b: (torch.randn(b, 2), torch.randn(b, 5, 2)),
+        ),
+    ]
+    try:
+        import torchdiffeq  # noqa: F401
+
+        recipes.append(
+            (
+                "torchdiffeq odeint (rk4)",
+                _ODE,
+                {},
+                lambda b: (torch.randn(b, 2), torch.randn(b, 5, 2)),
+            )
+        )
+    except ImportError:
+        pass
+    batch = 16
+    for name, make, kwargs, data in recipes:
+        torch.manual_seed(0)
+        model = make()
+        x, y = data(batch)
+        net = NoetherWrapper(model, MLPEmbedding(2), inner_lr=1e-3, **kwargs)  # type: ignore[arg-type]
+        times = _time({"plain": _step(model, x, y), "wrapped": _step(net, x, y)}, reps)
+        net(x)
+        report[name] = {"ratio": times["wrapped"] / times["plain"], "path": net.last_path}  # type: ignore[dict-item]
+        print(f"{name:<28} path {net.last_path:<8} wrapped/unwrapped {report[name]['ratio']:.2f}")
+
+    for batch in (16, 256):
+        torch.manual_seed(0)
+        model = _GRUStack()
+        x, y = torch.randn(batch, 12, 2), torch.randn(batch, 5, 2)
+        affine = NoetherWrapper(model, MLPEmbedding(2), inner_lr=1e-3, adapt=Affine("middle"))
+        shared = NoetherWrapper(model, MLPEmbedding(2), inner_lr=1e-3, per_sample=False)
+        times = _time(
+            {
+                "plain": _step(model, x, y),
+                "affine": _step(affine, x, y),
+                "shared": _step(shared, x, y),
+            },
+            reps,
+        )
+        cell = {
+            "affine_over_shared": times["affine"] / times["shared"],
+            "affine_over_plain": times["affine"] / times["plain"],
+            "shared_over_plain": times["shared"] / times["plain"],
+        }
+        report[f"GRU probe B={batch}"] = cell
+        print(
+            f"GRU probe B={batch:<4} affine/shared {cell['affine_over_shared']:.2f}  "
+            f"affine/unwrapped {cell['affine_over_plain']:.2f}  "
+            f"shared/unwrapped {cell['shared_over_plain']:.2f}"
+        )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"threads": args.threads, "reps": reps, **report}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
