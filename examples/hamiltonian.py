@@ -436,7 +436,6 @@ def summarise(
     """The protocol's JSON: every (data seed, model seed) run is one 'seed' of the errors."""
     energy = system.energy
     names = list(runs[0]["err"])
-    errors = {row: np.stack([r["err"][row] for r in runs]) for row in names}
     extras: dict[str, dict[str, Any]] = {}
     for row in names:
         inside, outside, drift = [], [], []
@@ -461,19 +460,7 @@ def summarise(
             "n_out_of_range": int(sum(p[0].size for p in outside)),
             "energy_drift": statistics.fmean(drift),
         }
-    rows = protocol.row_metrics(errors, extras=extras)
-    noether = [r for r in runs[0]["val"]]
-    val = {row: statistics.fmean(r["val"][row] for r in runs) for row in noether}
-    selected = protocol.select_row(val)
-    for row in noether:
-        rows[row]["validation_error"] = val[row]
-    inner_lr: dict[str, float | None] = {row: None for row in names}
-    for row in noether:
-        inner_lr[row] = statistics.fmean(r["lr"][row] for r in runs)
-        rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
-    for row in names:
-        if row.endswith("_untailored"):
-            inner_lr[row] = None
+    rows, inner_lr, selected = protocol.summarise_runs(runs, extras)
     coefficients = {t: statistics.fmean(f[t] for f in formulas) for t in system.terms}
     embeddings = {
         row: {k: _mean_or_none([m[k] for m in ms]) for k in ms[0]} for row, ms in embed_rows.items()

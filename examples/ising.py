@@ -16,10 +16,11 @@ base + meta-training of the Noether rows); projection (control's lattices shifte
 mean spin: the hand-coded conservation a physicist would write); testtime_oracle and
 testtime_learned (control tailored at prediction time only, g = the mean spin or a conv g
 pretrained with fit_conserved); testtime_oracle_bias (10 steps on control's output bias only);
-meta_oracle, meta_learned (the base rollout model meta-trained jointly), meta_learned_frozen (g and
-the step meta-trained on top of control, which stays frozen), each also untailored. Every step size is chosen by
-tune_inner_lr on validation trajectories carved from the training set (10 % of them, used for
-nothing else); ``selected`` is the Noether row with the lowest validation error.
+meta_oracle, meta_learned (the base rollout model meta-trained jointly), meta_learned_frozen (g
+and the step meta-trained on top of control, which stays frozen), each also untailored. Every
+step size is chosen by tune_inner_lr on validation trajectories carved from the training set
+(10 % of them, used for nothing else); ``selected`` is the Noether row with the lowest
+validation error.
 """
 
 from __future__ import annotations
@@ -523,20 +524,11 @@ def main() -> None:
             run["data"] = data
             runs.append(run)
     names = list(runs[0]["err"])
-    errors = {row: np.stack([r["err"][row] for r in runs]) for row in names}
     extras = {
         row: {k: statistics.fmean(r["extra"][row][k] for r in runs) for k in runs[0]["extra"][row]}
         for row in names
     }
-    rows = protocol.row_metrics(errors, extras=extras)
-    noether_rows = list(runs[0]["val"])
-    val = {row: statistics.fmean(r["val"][row] for r in runs) for row in noether_rows}
-    selected = protocol.select_row(val)
-    inner_lr: dict[str, float | None] = dict.fromkeys(names)
-    for row in noether_rows:
-        inner_lr[row] = statistics.fmean(r["lr"][row] for r in runs)
-        rows[row]["validation_error"] = val[row]
-        rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
+    rows, inner_lr, selected = protocol.summarise_runs(runs, extras)
     embeddings: dict[str, dict[str, Any]] = {}
     for row in runs[0]["g"]:
         metrics = [embedding_metrics(r["g"][row][0], r["data"], r["g"][row][1]) for r in runs]

@@ -92,6 +92,31 @@ def row_metrics(
     return out
 
 
+def summarise_runs(
+    runs: Sequence[Mapping[str, Any]], extras: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, float | None], str]:
+    """Rows, steps and the selected row from runs (one per data and model seed) that each hold
+    ``err`` ``{row: (sequences,)}`` per-sequence MSEs, ``val`` ``{noether row: validation
+    error}`` and ``lr`` ``{noether row: chosen step}``.
+
+    Returns:
+        ``(rows, inner_lr, selected)``: :func:`row_metrics` plus each Noether row's validation
+        error and per-seed steps; the mean step per row (None for rows without tailoring); the
+        Noether row with the lowest mean validation error.
+    """
+    names = list(runs[0]["err"])
+    errors = {row: np.stack([r["err"][row] for r in runs]) for row in names}
+    rows = row_metrics(errors, extras=extras)
+    noether = list(runs[0]["val"])
+    val = {row: float(np.mean([r["val"][row] for r in runs])) for row in noether}
+    inner_lr: dict[str, float | None] = dict.fromkeys(names)
+    for row in noether:
+        rows[row]["validation_error"] = val[row]
+        rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
+        inner_lr[row] = float(np.mean(rows[row]["inner_lr_per_seed"]))
+    return rows, inner_lr, select_row(val)
+
+
 def pearson(a: Tensor, b: Tensor) -> float:
     """``|r|`` between two tensors of equal size."""
     x = torch.stack([a.flatten().double(), b.flatten().double()])

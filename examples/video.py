@@ -434,7 +434,6 @@ def main() -> None:
             run["test"] = test_clips
             runs.append(run)
     names = list(runs[0]["err"])
-    errors = {row: np.stack([r["err"][row] for r in runs]) for row in names}
     extras: dict[str, dict[str, Any]] = {}
     for row in names:
         per_seed = [r["extra"][row] for r in runs]
@@ -448,15 +447,7 @@ def main() -> None:
             "ssim_per_seed": [e["ssim"] for e in per_seed],
             "blank_or_nan": any(e["blank"] or not e["finite"] for e in per_seed),
         }
-    rows = protocol.row_metrics(errors, extras=extras)
-    noether_rows = list(runs[0]["val"])
-    val = {row: statistics.fmean(r["val"][row] for r in runs) for row in noether_rows}
-    selected = protocol.select_row(val)
-    inner_lr: dict[str, float | None] = dict.fromkeys(names)
-    for row in noether_rows:
-        inner_lr[row] = statistics.fmean(r["lr"][row] for r in runs)
-        rows[row]["validation_error"] = val[row]
-        rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
+    rows, inner_lr, selected = protocol.summarise_runs(runs, extras)
     embeddings: dict[str, dict[str, Any]] = {}
     for row in runs[0]["g"]:
         metrics = [embedding_metrics(r["g"][row][0], r["test"], r["g"][row][1]) for r in runs]

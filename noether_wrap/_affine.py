@@ -178,13 +178,16 @@ def _installed(modules: Mapping[str, nn.Module], hooks: list[_Hook]) -> Iterator
 
 def tailor_affine(
     problem: InnerProblem,
-    spec: Affine,
+    params: Params,
     inputs: Tensor,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
+    *,
+    spec: Affine,
     per_sample: bool,
 ) -> InnerResult:
-    """Inner steps on per-sequence (``per_sample``) or batch-shared affines.
+    """Inner steps on per-sequence (``per_sample``) or batch-shared affines; the model's own
+    ``params`` are not adapted (the affines are).
 
     Returns an :class:`InnerResult` whose ``params`` are the tailored affines, ``(batch, C)``
     (``(1, C)`` when shared) per ``"<module>.scale"`` / ``"<module>.shift"``, at zero meaning

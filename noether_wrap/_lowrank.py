@@ -316,12 +316,15 @@ def _set_recording(layers: list[_Layer], on: bool) -> None:
 
 def tailor_lowrank(
     problem: InnerProblem,
-    layer_spec: dict[str, tuple[bool, bool]],
+    params: dict[str, Tensor],
     inputs: Tensor,
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
+    *,
+    layer_spec: dict[str, tuple[bool, bool]],
 ) -> InnerResult:
-    """Per-sample tailoring of linear and conv layers by recorded terms and dense updates.
+    """Per-sample tailoring of linear and conv layers by recorded terms and dense updates
+    (``params``, the adapted parameters, act through ``layer_spec``'s modules, unswapped).
 
     Gives the same result as :func:`noether_wrap._func.tailor_per_sample` (to float tolerance)
     for models that treat the sequences of a batch independently and feed every adapted layer

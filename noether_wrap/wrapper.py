@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -694,18 +695,9 @@ class NoetherWrapper(nn.Module):
         """The inner-loop runner for this call; records its name in ``last_path``."""
         if isinstance(self.adapt, Affine):
             self.last_path = "affine"
-            spec, per_sample = self.adapt, self.per_sample
-
-            def affine(
-                problem: _func.InnerProblem,
-                params: dict[str, Tensor],
-                inputs: Tensor,
-                args: tuple[Any, ...],
-                kwargs: dict[str, Any],
-            ) -> _func.InnerResult:
-                return _affine.tailor_affine(problem, spec, inputs, args, kwargs, per_sample)
-
-            return affine
+            return functools.partial(
+                _affine.tailor_affine, spec=self.adapt, per_sample=self.per_sample
+            )
         if not self.per_sample:
             self.last_path = "shared"
             return _func.tailor_shared
@@ -726,17 +718,7 @@ class NoetherWrapper(nn.Module):
             )
             if layers is not None and auto_ok:
                 self.last_path = "lowrank"
-
-                def lowrank(
-                    problem: _func.InnerProblem,
-                    params: dict[str, Tensor],
-                    inputs: Tensor,
-                    args: tuple[Any, ...],
-                    kwargs: dict[str, Any],
-                ) -> _func.InnerResult:
-                    return _lowrank.tailor_lowrank(problem, layers, inputs, args, kwargs)
-
-                return lowrank
+                return functools.partial(_lowrank.tailor_lowrank, layer_spec=layers)
             if self.per_sample_path == "lowrank":
                 raise ValueError(
                     "`per_sample_path='lowrank'` needs every adapted parameter to belong to an "
