@@ -557,7 +557,8 @@ class NoetherWrapper(nn.Module):
     def _warn_if_no_op(self, result: _func.InnerResult) -> None:
         """Warn (once) when the inner steps left the prediction exactly as it was although the
         Noether loss was not zero: the adapted parameters do not reach the loss."""
-        if self._warned_no_op or result.prediction.shape != result.initial.shape:
+        held_back = self.step_control == "backtrack"  # may reject every step, by design
+        if held_back or self._warned_no_op or result.prediction.shape != result.initial.shape:
             return
         moved = not torch.equal(result.prediction.detach(), result.initial.detach())
         if moved or not bool((result.losses[:, 0].detach() > 0).any()):
