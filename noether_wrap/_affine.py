@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from noether_wrap._func import InnerProblem, InnerResult, Params, inner_loop, warn_if_graphless
+from noether_wrap._func import (
+    InnerProblem,
+    InnerResult,
+    Params,
+    clip_scale,
+    inner_loop,
+    warn_if_graphless,
+)
 
 _CHANNELS_FIRST = (_ConvNd, _NormBase, nn.GroupNorm)
 
@@ -227,7 +234,7 @@ def tailor_affine(
             grads = {n: g.detach() for n, g in grads.items()}
         if max_norm is not None:  # per row: each sequence's own affines
             squared = sum(g.pow(2).sum(1) for g in grads.values())
-            scale = max_norm * torch.rsqrt(squared.clamp(min=max_norm**2))  # type: ignore[union-attr]
+            scale = clip_scale(squared, max_norm)  # type: ignore[arg-type]
             grads = {n: g * scale[:, None] for n, g in grads.items()}
         return grads, output, loss
 
