@@ -7,8 +7,10 @@ field from x); one SGD step on the field's weights gives the tailored field f~(x
 rollout evaluates wherever it needs the field. Every step size is chosen by ``tune_inner_lr`` on
 a validation split of the TRAINING trajectories (the 5 with the highest observed start energy:
 rollouts from their noisy starts against their noisy states), per row and seed, and the
-``selected`` row is the Noether row with the lowest validation error; the learned g is fitted on
-the other 20 (the formula, a few weights in closed form, on all 25); the test trajectories only
+``selected`` row is the Noether row with the lowest validation error. The vanilla field is
+trained on all 25 (the paper's protocol); the learned g, the control's extra steps and every
+meta-training run use only the other 20, so validation scores what each row adds out of sample
+(the formula, a few weights in closed form, is fitted on all 25); the test trajectories only
 score. Rows: vanilla, control (vanilla trained as many more steps as the meta rows, no
 tailoring), testtime_{oracle,formula,learned}, meta_{oracle,formula,learned} (+ _untailored),
 meta_learned_frozen (g and the step meta-trained, field frozen), projection_{oracle,formula}
@@ -234,6 +236,9 @@ class Settings:
     g_steps: int
     meta: bool
     test_steps: list[int]
+    #: A fixed step for the k-curves instead of the tuned one (to show the safeguard at a step
+    #: the rule would not choose); None: the step tuned for k = 1.
+    curve_step: float | None = None
 
 
 def embeddings_for(data: Data, cfg: Settings) -> tuple[dict[str, nn.Module], FeatureLibrary, float]:
@@ -259,8 +264,13 @@ def embeddings_for(data: Data, cfg: Settings) -> tuple[dict[str, nn.Module], Fea
 
 def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> dict[str, Any]:
     """Every row for one model seed: per-sequence test MSEs, chosen steps, validation errors."""
+    # vanilla on all 25 training trajectories (the paper's protocol); everything trained on top
+    # of it (control, meta rows) on the 20 fit trajectories only, so that the validation
+    # trajectories score each row's additions out of sample
     x = data.noisy[data.train].reshape(-1, 2)
     target = data.system.field(data.clean[data.train].reshape(-1, 2))
+    x_fit = data.noisy[data.fit].reshape(-1, 2)
+    target_fit = data.system.field(data.clean[data.fit].reshape(-1, 2))
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
     out: dict[str, Any] = {"err": {}, "pred": {}, "lr": {}, "val": {}, "seconds": {}, "g": {}}
 
@@ -274,7 +284,13 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
     )
     score("vanilla", rollout(vanilla, starts, data))
     control = copy.deepcopy(vanilla)
-    fit(control.parameters(), lambda: control(x), target, cfg.meta_steps, f"seed {seed} control")
+    fit(
+        control.parameters(),
+        lambda: control(x_fit),
+        target_fit,
+        cfg.meta_steps,
+        f"seed {seed} control",
+    )
     score("control", rollout(control, starts, data))
     for name in ("oracle", "formula"):
         score(f"projection_{name}", projected(vanilla, gs[name], starts, data))
@@ -287,7 +303,8 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
         score(row, rollout(net, starts, data))
         if cfg.test_steps and name == "oracle":
             for control in ("none", "backtrack"):
-                curve_net = tailored_field(vanilla, gs[name], data.dt, lr)
+                step = lr if cfg.curve_step is None else cfg.curve_step
+                curve_net = tailored_field(vanilla, gs[name], data.dt, step)
                 curve_net.step_control = control
                 out.setdefault("curve", {})[f"oracle_{control}"] = test_time_curve(
                     curve_net, data, cfg.test_steps
@@ -302,7 +319,11 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
             g.requires_grad_(False)
         net = tailored_field(copy.deepcopy(vanilla), g, data.dt, out["lr"][f"testtime_{name}"])
         out["seconds"][row] = fit(
-            net.parameters(), lambda net=net: net(x), target, cfg.meta_steps, f"seed {seed} {row}"
+            net.parameters(),
+            lambda net=net: net(x_fit),
+            target_fit,
+            cfg.meta_steps,
+            f"seed {seed} {row}",
         )
         out["lr"][row], out["val"][row] = tune(net, data)
         score(row, rollout(net, starts, data))
@@ -315,8 +336,8 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
     )
     out["seconds"][row] = fit(
         list(net.tailoring_parameters()),
-        lambda: net(x),
-        target,
+        lambda: net(x_fit),
+        target_fit,
         cfg.meta_steps,
         f"seed {seed} {row}",
     )
@@ -379,6 +400,12 @@ def main(system: System, doc: str) -> None:
     parser.add_argument("--sampler", choices=["hnn", "wide"], default="hnn")
     parser.add_argument("--no-meta", action="store_true", help="test-time rows only")
     parser.add_argument("--test-steps", default="", help="e.g. 1,2,4,8: the k-curve at test time")
+    parser.add_argument(
+        "--curve-step",
+        type=float,
+        default=None,
+        help="a fixed step for the --test-steps curves (default: the step tuned for k = 1)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -393,6 +420,7 @@ def main(system: System, doc: str) -> None:
         g_steps=100 if args.quick else 2000,
         meta=not args.no_meta,
         test_steps=[int(k) for k in args.test_steps.split(",") if k],
+        curve_step=args.curve_step,
     )
     runs: list[dict[str, Any]] = []
     formulas: list[dict[str, float]] = []
