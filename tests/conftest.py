@@ -49,3 +49,20 @@ def make_net(
     model = Rollout(make_step(dim, hidden, dtype), horizon=horizon)
     emb = MLPEmbedding(dim, out_features=2, hidden=emb_hidden, depth=1).to(dtype)
     return NoetherWrapper(model, emb, inner_lr=inner_lr, **kwargs)
+
+
+def gradcheck_weight_and_step(net: NoetherWrapper, x: torch.Tensor) -> bool:
+    """``gradcheck`` of ``net(x)`` in the first step layer's weight and ``log_inner_lr``
+    (float64), both swapped in with ``functional_call``."""
+    weight = net.model.step[0].weight
+
+    def fn(w: torch.Tensor, log_lr: torch.Tensor) -> torch.Tensor:
+        params = {"model.step.0.weight": w, "log_inner_lr": log_lr}
+        out: torch.Tensor = torch.func.functional_call(net, params, (x,))
+        return out
+
+    inputs = (
+        weight.detach().clone().requires_grad_(),
+        net.log_inner_lr.detach().clone().requires_grad_(),
+    )
+    return bool(torch.autograd.gradcheck(fn, inputs))

@@ -11,7 +11,7 @@ from torch import nn
 from noether_wrap import Affine, NoetherWrapper
 from noether_wrap.embeddings import MLPEmbedding
 
-from conftest import make_net
+from conftest import gradcheck_weight_and_step, make_net
 from reference import tailor_affine_reference
 
 
@@ -41,21 +41,7 @@ def test_affine_gradcheck(per_sample: bool) -> None:
     net = make_net(
         horizon=3, inner_steps=2, inner_lr=0.3, adapt=Affine("step.0"), per_sample=per_sample
     )
-    x = torch.randn(3, 2, dtype=torch.float64)
-    w = net.model.step[0].weight
-
-    def fn(weight: torch.Tensor, log_lr: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            w.copy_(weight.detach())
-        params = {"model.step.0.weight": weight, "log_inner_lr": log_lr}
-        out: torch.Tensor = torch.func.functional_call(net, params, (x,))
-        return out
-
-    inputs = (
-        w.detach().clone().requires_grad_(),
-        net.log_inner_lr.detach().clone().requires_grad_(),
-    )
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert gradcheck_weight_and_step(net, torch.randn(3, 2, dtype=torch.float64))
 
 
 def test_affine_is_batch_invariant_and_leaves_the_model_alone() -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from noether_wrap import Affine
 
-from conftest import make_net
+from conftest import gradcheck_weight_and_step, make_net
 
 PATHS = [
     {"per_sample_path": "lowrank"},
@@ -78,19 +78,7 @@ def test_gradcheck_through_a_safeguarded_step(per_sample: bool) -> None:
     net = make_net(
         horizon=3, inner_steps=2, inner_lr=5.0, step_control="backtrack", per_sample=per_sample
     )
-    x = torch.randn(3, 2, dtype=torch.float64)
-    w = net.model.step[0].weight
-
-    def fn(weight: torch.Tensor, log_lr: torch.Tensor) -> torch.Tensor:
-        params = {"model.step.0.weight": weight, "log_inner_lr": log_lr}
-        out: torch.Tensor = torch.func.functional_call(net, params, (x,))
-        return out
-
-    inputs = (
-        w.detach().clone().requires_grad_(),
-        net.log_inner_lr.detach().clone().requires_grad_(),
-    )
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert gradcheck_weight_and_step(net, torch.randn(3, 2, dtype=torch.float64))
 
 
 def test_backtracking_keeps_batch_invariance() -> None:
