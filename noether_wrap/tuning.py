@@ -1,36 +1,158 @@
-"""Choosing the inner step size on held-out data, by a rule, never by hand."""
+"""Choosing how to tailor on held-out data, by a rule, never by hand, with "off" always a choice.
+
+Every search here scores *no tailoring* (``inner_steps = 0``, the wrapped model alone) beside the
+candidates, per validation sequence, and keeps it unless a candidate beats it by more than the
+paired standard error of their difference over the sequences (the one-standard-error rule):
+wrapping a model must never make its predictions worse without saying so.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from noether_wrap.wrapper import NoetherWrapper
 
-#: Half-decade steps from 1e-3 to 1: the grid the examples search.
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "DEFAULT_POLYAK_CANDIDATES",
+    "STEP_RULES",
+    "TailoringDoesNotHelp",
+    "TuneConfig",
+    "TuneGridResult",
+    "TuneResult",
+    "TuningWarning",
+    "per_sequence_mse",
+    "tune",
+    "tune_inner_lr",
+]
+
+#: Half-decade steps from 1e-3 to 1: the fixed-step grid the examples search.
 DEFAULT_CANDIDATES: tuple[float, ...] = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1, 0.316, 1.0)
+#: Polyak fractions γ (the share of each sequence's Noether loss removed to first order).
+DEFAULT_POLYAK_CANDIDATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+#: The step rules a search may try.
+STEP_RULES: tuple[str, ...] = ("fixed", "polyak")
+_DEFAULTS: dict[str, tuple[float, ...]] = {
+    "fixed": DEFAULT_CANDIDATES,
+    "polyak": DEFAULT_POLYAK_CANDIDATES,
+}
+
+# set through setattr: the options are validated properties of the wrapper, typed per version
+_RULE, _LR = "step_rule", "inner_lr"
+Loss = Callable[[Tensor, Tensor], Tensor]
+Forward = Callable[["NoetherWrapper", Tensor], Tensor]
+
+
+class TuningWarning(UserWarning):
+    """A tuning result to read before trusting it: a winner at the edge of its grid, or
+    candidates whose loss was not finite."""
+
+
+class TailoringDoesNotHelp(TuningWarning):
+    """No candidate beat "no tailoring" by more than its paired standard error, so the wrapper
+    was set to ``inner_steps = 0`` (exactly the wrapped model)."""
+
+
+class TuneConfig(NamedTuple):
+    """One configuration :func:`tune` scores: ``inner_steps`` steps of ``step_rule`` with
+    ``step`` (a step size for ``"fixed"``, a fraction γ for ``"polyak"``)."""
+
+    inner_steps: int
+    step_rule: str
+    step: float
+
+    def label(self) -> str:
+        """A short readable name, e.g. ``k=1 fixed 0.1``."""
+        return f"k={self.inner_steps} {self.step_rule} {self.step:g}"
 
 
 class TuneResult(NamedTuple):
     """What :func:`tune_inner_lr` returns.
 
     Attributes:
-        best: the candidate with the lowest loss; now the wrapper's step size.
-        losses: ``{candidate: loss}`` for every candidate, in the order given.
-        untailored: the same loss with ``inner_steps = 0`` (the wrapped model alone), so a
-            caller can see whether tailoring helps at all.
+        best: the winning step size, now the wrapper's; ``None`` when no candidate beat
+            "no tailoring" clearly, in which case the wrapper was set to ``inner_steps = 0``
+            (its step size is left as it was).
+        losses: ``{candidate: mean loss over the sequences}`` for every candidate, in the order
+            given.
+        untailored: the same mean loss with ``inner_steps = 0`` (the wrapped model alone).
+        stderr: ``{candidate: paired standard error of (candidate − untailored)}`` over the
+            sequences.
+        inner_steps: the ``k`` the candidates were scored with (the wrapper's, or 1 if it was 0).
+        step_rule: the rule the candidates were scored with (the wrapper's).
+        sequences: how many sequences each mean is over.
     """
 
-    best: float
+    best: float | None
     losses: dict[float, float]
     untailored: float
+    stderr: dict[float, float] = {}  # always passed by tune_inner_lr
+    inner_steps: int = 1
+    step_rule: str = "fixed"
+    sequences: int = 0
+
+    def table(self) -> str:
+        """Every configuration with its mean loss and its difference to "off" ± paired SE."""
+        rows = {
+            TuneConfig(self.inner_steps, self.step_rule, c): (m, self.stderr.get(c, math.nan))
+            for c, m in self.losses.items()
+        }
+        chosen = (
+            None if self.best is None else TuneConfig(self.inner_steps, self.step_rule, self.best)
+        )
+        return _table(self.untailored, rows, chosen, self.sequences)
+
+
+class TuneGridResult(NamedTuple):
+    """What :func:`tune` returns.
+
+    Attributes:
+        best: the winning step (step size or Polyak γ), or ``None`` for "off".
+        inner_steps: the winning ``k``; 0 when "off" won (the wrapper is then exactly the model).
+        step_rule: the winning rule; when "off" won, the wrapper's rule, left as it was.
+        losses: ``{TuneConfig: mean loss over the sequences}`` for every configuration scored.
+        stderr: ``{TuneConfig: paired standard error of (configuration − untailored)}``.
+        untailored: the mean loss with ``inner_steps = 0``.
+        sequences: how many sequences each mean is over.
+    """
+
+    best: float | None
+    inner_steps: int
+    step_rule: str
+    losses: dict[TuneConfig, float]
+    stderr: dict[TuneConfig, float]
+    untailored: float
+    sequences: int
+
+    @property
+    def config(self) -> TuneConfig | None:
+        """The winning configuration, or ``None`` for "off"."""
+        if self.best is None:
+            return None
+        return TuneConfig(self.inner_steps, self.step_rule, self.best)
+
+    def table(self) -> str:
+        """Every configuration with its mean loss and its difference to "off" ± paired SE."""
+        rows = {c: (m, self.stderr[c]) for c, m in self.losses.items()}
+        return _table(self.untailored, rows, self.config, self.sequences)
+
+
+def per_sequence_mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of each sequence: ``(batch, ...) x2 -> (batch,)``, the default score.
+
+    Example:
+        >>> import torch
+        >>> per_sequence_mse(torch.zeros(2, 3), torch.tensor([[1.0, 1, 1], [0, 0, 3]]))
+        tensor([1., 3.])
+    """
+    return (prediction - target).pow(2).flatten(1).mean(1)
 
 
 def tune_inner_lr(
@@ -38,85 +160,432 @@ def tune_inner_lr(
     inputs: Tensor,
     target: Tensor,
     *,
-    candidates: Sequence[float] = DEFAULT_CANDIDATES,
-    loss: Callable[[Tensor, Tensor], Tensor] = F.mse_loss,
-    forward: Callable[[NoetherWrapper, Tensor], Tensor] | None = None,
+    candidates: Sequence[float] | None = None,
+    loss: Loss | None = None,
+    forward: Forward | None = None,
     chunk: int | None = None,
 ) -> TuneResult:
-    """Set ``net``'s inner step size to the candidate with the lowest loss on held-out data.
+    """Choose ``net``'s inner step size on held-out data, or switch tailoring off.
 
-    Use training or validation data, never test data. Each candidate is evaluated without
-    autograd (tailoring still runs, rule 6); the model and the embedding are not changed. A
-    candidate that diverges is scored like any other, without the wrapper's warnings.
+    Scores "no tailoring" (``inner_steps = 0``) and every candidate step with the wrapper's
+    ``inner_steps`` (1 if it is 0, e.g. after an earlier tuning switched it off) and its
+    ``step_rule``, per sequence. The best candidate is set only if its mean loss beats the
+    untailored one by more than the paired standard error of their difference over the
+    sequences; otherwise the wrapper is set to ``inner_steps = 0`` (exactly the model),
+    ``best`` is ``None`` and a :class:`TailoringDoesNotHelp` warning gives the numbers. A
+    :class:`TuningWarning` says when the winner is the smallest or largest candidate (the grid
+    may be too narrow) or when some candidate's loss was not finite (such a candidate is never
+    chosen). :func:`tune` also searches ``k`` and the rule.
+
+    Use training or validation data, never test data. Each configuration is evaluated without
+    autograd (tailoring still runs); the model and the embedding are not changed.
 
     Args:
-        net: the wrapper to tune; its ``log_inner_lr`` is set to the best candidate.
-        inputs: ``(batch, ...)``, what ``net`` (or ``forward``) reads.
-        target: what the prediction is compared with, shaped like it.
-        candidates: positive step sizes to try.
-        loss: ``(prediction, target) -> scalar``; mean squared error by default.
+        net: the wrapper to tune.
+        inputs: ``(batch, ...)``, what ``net`` (or ``forward``) reads; finite, ``batch >= 2``.
+        target: ``(batch, ...)``, finite; with the default loss, shaped exactly like the
+            prediction (checked: no silent broadcasting).
+        candidates: positive steps to try; default :data:`DEFAULT_CANDIDATES` for the
+            ``"fixed"`` rule, :data:`DEFAULT_POLYAK_CANDIDATES` for ``"polyak"``.
+        loss: ``(prediction, target) -> (batch,)``, one score per sequence; default
+            :func:`per_sequence_mse`. A loss that returns a scalar is called once per sequence
+            (on slices of size 1), so the standard errors still exist; that costs a Python loop
+            over the sequences (the predictions are still computed in batches).
         forward: ``(net, inputs) -> prediction`` when the prediction is not ``net(inputs)``
             (e.g. a rollout of a tailored vector field); default ``net(inputs)``.
-        chunk: evaluate ``inputs`` in pieces of this many sequences (memory); the losses of the
-            pieces are averaged by size.
+        chunk: evaluate ``inputs`` in pieces of this many sequences (memory).
 
     Returns:
-        A :class:`TuneResult`.
+        A :class:`TuneResult` (``best``, ``losses``, ``untailored`` first, as before; then
+        ``stderr``, ``inner_steps``, ``step_rule``, ``sequences``; ``.table()`` prints it).
+
+    Raises:
+        ValueError: non-finite ``inputs`` or ``target`` (with the count), a ``target`` shaped
+            unlike the prediction, unequal batch sizes, fewer than 2 sequences, bad candidates,
+            or an untailored loss that is not finite.
 
     Example:
-        >>> import torch
+        >>> import torch, warnings
         >>> from noether_wrap import NoetherWrapper, Rollout, tune_inner_lr
         >>> net = NoetherWrapper(Rollout(torch.nn.Linear(2, 2), 5), lambda s: s.pow(2).sum(-1))
         >>> x = torch.randn(16, 2)
-        >>> result = tune_inner_lr(net, x, torch.zeros(16, 5, 2), candidates=[0.01, 0.1])
-        >>> round(net.inner_lr, 9) == result.best
+        >>> with warnings.catch_warnings(record=True):
+        ...     result = tune_inner_lr(net, x, torch.zeros(16, 5, 2), candidates=[0.01, 0.1])
+        >>> result.best is None or round(net.inner_lr, 9) == result.best
+        True
+        >>> (net.inner_steps == 0) == (result.best is None)
         True
     """
-    values = [float(c) for c in candidates]
-    if not values or not all(math.isfinite(c) and c > 0 for c in values):
-        raise ValueError(f"`candidates` must be positive finite floats, got {list(candidates)!r}.")
-    if not isinstance(inputs, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("`inputs` and `target` must be Tensors.")
-    if inputs.shape[0] != target.shape[0]:
-        raise ValueError(
-            f"`inputs` and `target` must have the same batch size, got {inputs.shape[0]} and "
-            f"{target.shape[0]}."
-        )
-    run = forward if forward is not None else _call
-    size = inputs.shape[0] if chunk is None else chunk
+    rule = _current_rule(net)
+    values = _check_candidates(_DEFAULTS[rule] if candidates is None else candidates, "candidates")
+    k = net.inner_steps if net.inner_steps > 0 else 1
+    search = _Search(net, inputs, target, loss=loss, forward=forward, chunk=chunk)
+    configs = [TuneConfig(k, rule, v) for v in values]
+    off, scored = search.run(configs)
+    winner = _finish(net, search, off, scored, configs)
+    means = {c.step: m for c, (m, _, _) in scored.items()}
+    ses = {c.step: s for c, (_, s, _) in scored.items()}
+    return TuneResult(
+        None if winner is None else winner.step,
+        means,
+        float(off.mean()),
+        ses,
+        k,
+        rule,
+        off.shape[0],
+    )
 
-    def evaluate() -> float:
-        total = 0.0
+
+def tune(
+    net: NoetherWrapper,
+    inputs: Tensor,
+    target: Tensor,
+    *,
+    inner_steps: Sequence[int] = (1,),
+    step_rules: Sequence[str] = ("fixed",),
+    candidates: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+    loss: Loss | None = None,
+    forward: Forward | None = None,
+    chunk: int | None = None,
+) -> TuneGridResult:
+    """Choose ``k``, the step rule and the step on held-out data, with "off" always a candidate.
+
+    Scores "no tailoring" (``inner_steps = 0``) and every configuration of the grid
+    ``inner_steps × step_rules × candidates[rule]``, per sequence, and sets the winner on
+    ``net`` (``inner_steps``, ``step_rule``, ``inner_lr``). The best configuration (lowest mean
+    loss) wins only if it beats the untailored loss by more than the paired standard error of
+    their difference over the sequences (the one-standard-error rule). Otherwise ``net`` is set
+    to ``inner_steps = 0`` (exactly the model; its rule and step are left as they were), the
+    result's ``best`` is ``None`` and a :class:`TailoringDoesNotHelp` warning gives the
+    numbers. A :class:`TuningWarning` says when the winning step is the smallest or largest of
+    its rule's candidates (the grid may be too narrow) and which configurations gave a
+    non-finite loss (never chosen).
+
+    Use training or validation data, never test data. Observation noise in the starts can
+    dominate a rollout's error and rank configurations at random: see
+    :func:`noether_wrap.validation.estimate_starts` and
+    :func:`noether_wrap.validation.window_targets`.
+
+    Args:
+        net: the wrapper to tune.
+        inputs: ``(batch, ...)``, what ``net`` (or ``forward``) reads; finite, ``batch >= 2``.
+        target: ``(batch, ...)``, finite; with the default loss, shaped like the prediction.
+        inner_steps: the ``k >= 1`` to try (0, "off", is always scored).
+        step_rules: among ``"fixed"`` (``θ − η ∇L``) and ``"polyak"`` (``η = γ L / ‖∇L‖²``
+            per sequence, the step then being the fraction ``γ``).
+        candidates: the steps: one sequence for every rule, a mapping ``{rule: steps}``, or
+            ``None`` for :data:`DEFAULT_CANDIDATES` (fixed) and
+            :data:`DEFAULT_POLYAK_CANDIDATES` (polyak).
+        loss: ``(prediction, target) -> (batch,)``; default :func:`per_sequence_mse`. A loss
+            that returns a scalar is called once per sequence so standard errors still exist.
+        forward: ``(net, inputs) -> prediction``; default ``net(inputs)``.
+        chunk: evaluate ``inputs`` in pieces of this many sequences (memory).
+
+    Returns:
+        A :class:`TuneGridResult`; ``print(result.table())`` lists every configuration.
+
+    Example:
+        >>> import torch, warnings
+        >>> from noether_wrap import NoetherWrapper, Rollout, tune
+        >>> net = NoetherWrapper(Rollout(torch.nn.Linear(2, 2), 5), lambda s: s.pow(2).sum(-1))
+        >>> x = torch.randn(16, 2)
+        >>> with warnings.catch_warnings(record=True):
+        ...     result = tune(net, x, torch.zeros(16, 5, 2), inner_steps=(1, 2),
+        ...                   candidates=[0.01, 0.1])
+        >>> len(result.losses), net.inner_steps == result.inner_steps
+        (4, True)
+    """
+    ks = list(inner_steps)
+    for k in ks:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"`inner_steps` must be non-negative ints, got {list(inner_steps)!r}.")
+    ks = sorted({k for k in ks if k > 0})
+    rules = list(dict.fromkeys(step_rules))
+    if not rules:
+        raise ValueError("`step_rules` must name at least one rule.")
+    for rule in rules:
+        if not isinstance(rule, str) or rule not in STEP_RULES:
+            raise ValueError(f"`step_rules` must be among {list(STEP_RULES)}, got {rule!r}.")
+        if rule != "fixed" and not _has_rule(net):
+            raise ValueError(
+                f"`step_rules` asks for {rule!r}, but this wrapper has no `step_rule` option."
+            )
+    grid: dict[str, tuple[float, ...]] = {}
+    for rule in rules:
+        if candidates is None:
+            grid[rule] = _DEFAULTS[rule]
+        elif isinstance(candidates, Mapping):
+            grid[rule] = _check_candidates(candidates.get(rule, _DEFAULTS[rule]), "candidates")
+        else:
+            grid[rule] = _check_candidates(candidates, "candidates")
+    configs = [TuneConfig(k, r, v) for k in ks for r in rules for v in grid[r]]
+    search = _Search(net, inputs, target, loss=loss, forward=forward, chunk=chunk)
+    off, scored = search.run(configs)
+    winner = _finish(net, search, off, scored, configs)
+    return TuneGridResult(
+        None if winner is None else winner.step,
+        0 if winner is None else winner.inner_steps,
+        search.original_rule if winner is None else winner.step_rule,
+        {c: m for c, (m, _, _) in scored.items()},
+        {c: s for c, (_, s, _) in scored.items()},
+        float(off.mean()),
+        off.shape[0],
+    )
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+
+class _Search:
+    """Scores configurations on one data set and restores the wrapper's settings if anything
+    fails."""
+
+    def __init__(
+        self,
+        net: NoetherWrapper,
+        inputs: Tensor,
+        target: Tensor,
+        *,
+        loss: Loss | None,
+        forward: Forward | None,
+        chunk: int | None,
+    ) -> None:
+        if not isinstance(inputs, Tensor) or not isinstance(target, Tensor):
+            raise TypeError("`inputs` and `target` must be Tensors.")
+        if inputs.dim() == 0 or target.dim() == 0 or inputs.shape[0] != target.shape[0]:
+            raise ValueError(
+                "`inputs` and `target` must have the same batch size (dim 0), got shapes "
+                f"{tuple(inputs.shape)} and {tuple(target.shape)}."
+            )
+        _check_finite("target", target)
+        _check_finite("inputs", inputs)
+        if inputs.shape[0] < 2:
+            raise ValueError(
+                f"`inputs` and `target` need at least 2 sequences for a standard error, got "
+                f"{inputs.shape[0]}."
+            )
+        if chunk is not None and (
+            not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
+        ):
+            raise ValueError(f"`chunk` must be a positive int or None, got {chunk!r}.")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"`loss` must be callable or None, got {type(loss).__name__}.")
+        if forward is not None and not callable(forward):
+            raise TypeError(f"`forward` must be callable or None, got {type(forward).__name__}.")
+        self.net = net
+        self.inputs = inputs
+        self.target = target
+        self.loss = loss
+        self.run_net: Forward = forward if forward is not None else _call
+        self.size = inputs.shape[0] if chunk is None else chunk
+        self.original_steps = net.inner_steps
+        self.original_rule = _current_rule(net)
+        self.original_lr = net.log_inner_lr.detach().clone()
+
+    def run(
+        self, configs: list[TuneConfig]
+    ) -> tuple[Tensor, dict[TuneConfig, tuple[float, float, int]]]:
+        """Per-sequence untailored losses and ``{config: (mean, paired SE, non-finite count)}``."""
+        try:
+            self.net.inner_steps = 0
+            off = self.evaluate()
+            bad = int((~torch.isfinite(off)).sum())
+            if bad:
+                raise ValueError(
+                    f"the untailored model (inner_steps=0) gives a non-finite loss on {bad} of "
+                    f"{off.shape[0]} sequences: no configuration can be compared with it. Check "
+                    "the model and `inputs`."
+                )
+            scored: dict[TuneConfig, tuple[float, float, int]] = {}
+            for config in configs:
+                _apply(self.net, config)
+                losses = self.evaluate()
+                nonfinite = int((~torch.isfinite(losses)).sum())
+                if nonfinite:
+                    scored[config] = (float(losses.mean()), math.nan, nonfinite)
+                else:
+                    scored[config] = (float(losses.mean()), _paired_se(losses - off), 0)
+        except BaseException:
+            self.restore()
+            raise
+        self.restore()
+        return off, scored
+
+    def restore(self) -> None:
+        self.net.inner_steps = self.original_steps
+        if _has_rule(self.net):
+            setattr(self.net, _RULE, self.original_rule)
+        with torch.no_grad():
+            self.net.log_inner_lr.copy_(self.original_lr)
+
+    def evaluate(self) -> Tensor:
+        """Every sequence's loss under the wrapper's current settings, ``(batch,)`` float64."""
+        parts = []
+        n = self.inputs.shape[0]
         # a candidate that diverges is scored like any other; its warnings would only be noise
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            for start in range(0, inputs.shape[0], size):
-                part = slice(start, start + size)
-                piece = inputs[part]
-                total += float(loss(run(net, piece), target[part])) * piece.shape[0]
-        return total / inputs.shape[0]
+            for start in range(0, n, self.size):
+                part = slice(start, start + self.size)
+                prediction = self.run_net(self.net, self.inputs[part])
+                parts.append(self.score(prediction, self.target[part]))
+        return torch.cat(parts)
 
-    original_steps = net.inner_steps
-    original_lr = net.log_inner_lr.detach().clone()
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        if not isinstance(prediction, Tensor):
+            raise TypeError(
+                f"the prediction must be a Tensor, got {type(prediction).__name__} (from "
+                f"{'`forward`' if self.run_net is not _call else '`net(inputs)`'})."
+            )
+        if self.loss is None:
+            if prediction.shape != target.shape:
+                raise ValueError(
+                    f"`target` must be shaped like the prediction: got target "
+                    f"{tuple(target.shape)} and prediction {tuple(prediction.shape)} (per chunk of "
+                    "inputs). Pass the matching frames, or a `loss` that compares them."
+                )
+            return per_sequence_mse(prediction, target).detach().double().cpu()
+        b = target.shape[0]
+        value = self.loss(prediction, target)
+        if not isinstance(value, Tensor):
+            value = torch.as_tensor(value)
+        if value.shape == (b,):
+            return value.detach().double().cpu()
+        if value.numel() != 1:
+            raise ValueError(
+                f"`loss` must return one value per sequence, shape ({b},), or a scalar; got "
+                f"shape {tuple(value.shape)}."
+            )
+        if b == 1:
+            return value.detach().double().cpu().reshape(1)
+        # a scalar loss: score each sequence on its own so the paired standard error exists
+        each = [self.loss(prediction[i : i + 1], target[i : i + 1]) for i in range(b)]
+        return torch.stack([torch.as_tensor(v).detach().double().cpu().reshape(()) for v in each])
+
+
+def _finish(
+    net: NoetherWrapper,
+    search: _Search,
+    off: Tensor,
+    scored: dict[TuneConfig, tuple[float, float, int]],
+    configs: list[TuneConfig],
+) -> TuneConfig | None:
+    """Apply the one-standard-error rule, set the winner (or "off") on ``net`` and warn."""
+    untailored = float(off.mean())
+    n = off.shape[0]
+    broken = [c for c in configs if scored[c][2]]
+    if broken:
+        names = ", ".join(f"{c.label()} ({scored[c][2]} of {n} sequences)" for c in broken)
+        warnings.warn(
+            f"tuning: non-finite loss for {names}; never chosen. A smaller step, "
+            "`max_inner_grad_norm` or the 'polyak' rule may help.",
+            TuningWarning,
+            stacklevel=3,
+        )
+    finite = [c for c in configs if not scored[c][2]]
+    best = min(finite, key=lambda c: scored[c][0]) if finite else None
+    rows = {c: scored[c][:2] for c in configs}
+    if best is not None:
+        mean, se, _ = scored[best]
+        if untailored - mean > se:
+            _apply(net, best)
+            steps = sorted({c.step for c in configs if c.step_rule == best.step_rule})
+            if len(steps) > 1 and best.step in (steps[0], steps[-1]):
+                side = "smallest" if best.step == steps[0] else "largest"
+                warnings.warn(
+                    f"tuning: the chosen step {best.step:g} is the {side} {best.step_rule!r} "
+                    f"candidate ({best.label()}): the grid may be too narrow; try steps "
+                    f"{'below' if side == 'smallest' else 'above'} it.",
+                    TuningWarning,
+                    stacklevel=3,
+                )
+            return best
+    net.inner_steps = 0
+    if best is None:
+        why = "every configuration gave a non-finite loss"
+    else:
+        mean, se, _ = scored[best]
+        verdict = "lost to" if mean >= untailored else "did not clearly beat"
+        why = (
+            f"the best configuration, {best.label()}, {verdict} no tailoring: mean loss "
+            f"{mean:.4g} vs {untailored:.4g} untailored, difference {mean - untailored:+.3g} "
+            f"± {se:.3g} (paired standard error over {n} sequences)"
+        )
+    warnings.warn(
+        f"tuning: {why}; the wrapper is set to inner_steps=0 and is now exactly the model.\n"
+        + _table(untailored, rows, None, n),
+        TailoringDoesNotHelp,
+        stacklevel=3,
+    )
+    return None
+
+
+def _table(
+    untailored: float,
+    rows: Mapping[TuneConfig, tuple[float, float]],
+    chosen: TuneConfig | None,
+    sequences: int,
+) -> str:
+    lines = [
+        f"{'configuration':<24} {'mean loss':>12} {'vs off ± SE':>24}"
+        f"   (over {sequences} sequences)",
+        f"{'off (inner_steps=0)':<24} {untailored:>12.5g} {'':>24}"
+        + ("   <- chosen" if chosen is None else ""),
+    ]
+    for config, (mean, se) in rows.items():
+        diff = f"{mean - untailored:+.4g} ± {se:.3g}"
+        mark = "   <- chosen" if config == chosen else ""
+        lines.append(f"{config.label():<24} {mean:>12.5g} {diff:>24}{mark}")
+    return "\n".join(lines)
+
+
+def _paired_se(diff: Tensor) -> float:
+    return float(diff.std(correction=1) / math.sqrt(diff.shape[0]))
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    if value.is_floating_point() or value.is_complex():
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise ValueError(
+                f"`{name}` has {bad} non-finite value(s) (of {value.numel()}): every score that "
+                f"reads them would be NaN. Drop or impute those sequences."
+            )
+
+
+def _check_candidates(candidates: Sequence[float], name: str) -> tuple[float, ...]:
     try:
-        net.inner_steps = 0
-        untailored = evaluate()
-        net.inner_steps = original_steps
-        losses: dict[float, float] = {}
-        for value in values:
-            with torch.no_grad():
-                net.log_inner_lr.fill_(math.log(value))
-            losses[value] = evaluate()
-    except BaseException:
+        values = tuple(float(c) for c in candidates)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be positive finite floats, got {candidates!r}.") from None
+    if not values or not all(math.isfinite(c) and c > 0 for c in values):
+        raise ValueError(f"`{name}` must be positive finite floats, got {list(candidates)!r}.")
+    return tuple(dict.fromkeys(values))
+
+
+def _has_rule(net: NoetherWrapper) -> bool:
+    return hasattr(net, "step_rule")
+
+
+def _current_rule(net: NoetherWrapper) -> str:
+    rule = getattr(net, "step_rule", "fixed") if _has_rule(net) else "fixed"
+    if rule not in _DEFAULTS:
+        raise ValueError(f"the wrapper's `step_rule` {rule!r} is not one of {list(STEP_RULES)}.")
+    return str(rule)
+
+
+def _apply(net: NoetherWrapper, config: TuneConfig) -> None:
+    net.inner_steps = config.inner_steps
+    if _has_rule(net):
+        setattr(net, _RULE, config.step_rule)
+    elif config.step_rule != "fixed":
+        raise ValueError(f"this wrapper has no `step_rule` option for {config.step_rule!r}.")
+    setter = getattr(type(net), "inner_lr", None)
+    if isinstance(setter, property) and setter.fset is not None:
+        setattr(net, _LR, config.step)
+    else:
         with torch.no_grad():
-            net.log_inner_lr.copy_(original_lr)
-        raise
-    finally:
-        net.inner_steps = original_steps
-    best = min(losses, key=lambda c: (not math.isfinite(losses[c]), losses[c]))
-    with torch.no_grad():
-        net.log_inner_lr.fill_(math.log(best))
-    return TuneResult(best, losses, untailored)
+            net.log_inner_lr.fill_(math.log(config.step))
 
 
 def _call(net: NoetherWrapper, inputs: Tensor) -> Tensor:

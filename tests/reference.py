@@ -42,17 +42,28 @@ def tailor_reference(
     steps: int,
     form: str = "anchor",
     per_sample: bool = True,
+    rule: str = "fixed",
 ) -> Tensor:
-    """Tailored predictions ``(batch, horizon, d)``, differentiable in every argument."""
+    """Tailored predictions ``(batch, horizon, d)``, differentiable in every argument.
+
+    ``rule="polyak"``: each step is ``lr * L / |grad L|^2`` along the gradient (``L`` the
+    sequence's loss, or the batch mean for a shared step)."""
     lr = log_lr.exp()
+
+    def size(loss: Tensor, grads: list[Tensor]) -> Tensor:
+        if rule == "fixed":
+            return lr
+        return lr * loss / sum((g * g).sum() for g in grads)
+
     if per_sample:
         outs = []
         for b in range(x0.shape[0]):
             params = list(model)
             for _ in range(steps):
                 loss = sequence_loss(emb, x0[b], rollout(params, x0[b], horizon), form)
-                grads = torch.autograd.grad(loss, params, create_graph=True)
-                params = [p - lr * g for p, g in zip(params, grads)]
+                grads = list(torch.autograd.grad(loss, params, create_graph=True))
+                eta = size(loss, grads)
+                params = [p - eta * g for p, g in zip(params, grads)]
             outs.append(torch.stack(rollout(params, x0[b], horizon)))
         return torch.stack(outs)
     params = list(model)
@@ -61,8 +72,10 @@ def tailor_reference(
             sequence_loss(emb, x0[b], rollout(params, x0[b], horizon), form)
             for b in range(x0.shape[0])
         ]
-        grads = torch.autograd.grad(torch.stack(losses).mean(), params, create_graph=True)
-        params = [p - lr * g for p, g in zip(params, grads)]
+        mean = torch.stack(losses).mean()
+        grads = list(torch.autograd.grad(mean, params, create_graph=True))
+        eta = size(mean, grads)
+        params = [p - eta * g for p, g in zip(params, grads)]
     return torch.stack([torch.stack(rollout(params, x0[b], horizon)) for b in range(x0.shape[0])])
 
 

@@ -10,13 +10,19 @@ def test_public_names_are_pinned() -> None:
         "NoetherWrapper",
         "Rollout",
         "TailorOutput",
+        "TailoringDoesNotHelp",
+        "TuneConfig",
+        "TuneGridResult",
         "TuneResult",
+        "TuningWarning",
         "__version__",
         "conservation_loss",
         "embeddings",
         "fit_conserved",
         "noether_loss",
+        "tune",
         "tune_inner_lr",
+        "validation",
     }
     assert embeddings.__all__ == ["ConvEmbedding", "FeatureLibrary", "MLPEmbedding", "Standardized"]
 

@@ -90,11 +90,28 @@ def test_backtracking_keeps_batch_invariance() -> None:
         whole = net(x)
         parts = torch.cat([net(x[:1]), net(x[1:4]), net(x[4:])])
     torch.testing.assert_close(whole, parts, rtol=1e-10, atol=1e-12)
-    assert net.last_path == "vmap"  # auto leaves the low-rank path for backtracking
+    assert net.last_path == "lowrank"  # backtracking runs on every path now
 
 
 def test_backtracking_argument_errors() -> None:
     with pytest.raises(ValueError, match="`step_control`"):
         make_net(step_control="armijo")
-    with pytest.raises(ValueError, match="`step_control='backtrack'`.*low-rank"):
-        make_net(step_control="backtrack", per_sample_path="lowrank")
+    net = make_net(step_control="none")
+    with pytest.raises(ValueError, match="`step_control`.*'bactrack'"):
+        net.step_control = "bactrack"  # checked on assignment too
+    assert net.step_control == "none"
+
+
+@pytest.mark.parametrize("hidden", [3, 32])  # dense and recorded low-rank branches
+def test_backtracking_on_the_lowrank_path_equals_vmap(hidden: int) -> None:
+    torch.manual_seed(1)
+    kwargs = {"hidden": hidden, "inner_steps": 3, "inner_lr": 20.0, "step_control": "backtrack"}
+    fast = make_net(per_sample_path="lowrank", **kwargs)
+    slow = make_net(per_sample_path="vmap", **kwargs)
+    slow.load_state_dict(fast.state_dict())
+    x = 2 * torch.randn(5, 2, dtype=torch.float64)
+    a, b = fast(x, return_info=True), slow(x, return_info=True)
+    assert fast.last_path == "lowrank" and slow.last_path == "vmap"
+    torch.testing.assert_close(a.prediction, b.prediction, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.noether_losses, b.noether_losses, rtol=1e-10, atol=1e-12)
+    assert bool((a.noether_losses.diff(dim=1) <= 1e-12).all())  # no step raised a loss

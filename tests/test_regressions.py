@@ -91,7 +91,7 @@ def test_cosine_distance_with_a_scalar_embedding_and_clipping(path: str, per_sam
 
 
 def test_clipping_below_the_threshold_is_the_identity_and_above_scales_to_it() -> None:
-    from noether_wrap._func import clip_scale
+    from noether_wrap._inner import clip_scale
 
     sq = torch.tensor([0.0, 0.25, 1.0, 4.0, 100.0], dtype=torch.float64, requires_grad=True)
     scale = clip_scale(sq, 1.0)

@@ -12,6 +12,7 @@ The affines act through forward hooks on the matching modules, installed for one
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,14 +23,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from noether_wrap._func import (
-    InnerProblem,
-    InnerResult,
-    Params,
-    clip_scale,
-    inner_loop,
-    warn_if_graphless,
-)
+from noether_wrap._inner.call import Call, InnerResult, Params, Progress
+from noether_wrap._inner.loop import Gradient, run, warn_if_graphless
 
 _CHANNELS_FIRST = (_ConvNd, _NormBase, nn.GroupNorm)
 
@@ -139,38 +134,72 @@ class _Hook:
         return (scaled, *out[1:]) if isinstance(out, tuple) else scaled
 
 
-class _AffineProblem(InnerProblem):
-    """The model's own weights with the hooked affines bound to ``params``."""
+class AffineStepper:
+    """Steps per-sequence (or batch-shared) affines ``{"<module>.scale" | ".shift": (rows, C)}``,
+    created at identity by the first rollout's hooks; the model's own weights stay as they are.
 
-    hooks: list[_Hook]
+    Each sequence's affines touch only its own outputs, so one backward of the summed losses is
+    every sequence's exact gradient.
+    """
 
-    def _bind(self, params: Params) -> None:
+    def __init__(self, call: Call, hooks: list[_Hook], spec: Affine, per_sample: bool) -> None:
+        self.call = call
+        self.hooks = hooks
+        self.spec = spec
+        self.per_row = per_sample
+
+    def start(self) -> Params:
+        return {}
+
+    def _bind(self, state: Params) -> None:
         for hook in self.hooks:
-            hook.current = params
+            hook.current = state
 
-    def rollout(
-        self,
-        params: Params,
-        inputs: Tensor,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        buffers: Params | None = None,
-    ) -> Tensor:
-        self._bind(params)
-        return super().rollout({}, inputs, args, kwargs, buffers)
+    def gradient(self, state: Params) -> Gradient[Params]:
+        call = self.call
+        keep = call.differentiable
+        point = {
+            n: p if keep and p.requires_grad else p.detach().requires_grad_()
+            for n, p in state.items()
+        }
+        with torch.enable_grad():
+            output = self.rollout(point)  # fills `point` with identity affines at step 0
+            loss = call.noether_loss(output)
+            names = list(point)
+            if not names:
+                raise AffineLayoutError(
+                    f"`adapt`: no module matching {self.spec.pattern!r} ran in the rollout."
+                )
+            total = loss.sum() if self.per_row else loss.mean()
+            found = torch.autograd.grad(
+                total,
+                [point[n] for n in names],
+                create_graph=call.create_graph,
+                retain_graph=call.keeps_graphs,
+                allow_unused=True,
+            )
+        warn_if_graphless(call, found)
+        grads = {n: torch.zeros_like(point[n]) if g is None else g for n, g in zip(names, found)}
+        if not call.create_graph:
+            grads = {n: g.detach() for n, g in grads.items()}
+        squared = torch.stack([g.pow(2).sum(1) for g in grads.values()]).sum(0)
+        finite = torch.stack([torch.isfinite(g).all(1) for g in grads.values()]).all(0)
+        return Gradient(point, output, loss, grads, squared, finite)
 
-    def prediction(
-        self,
-        params: Params,
-        inputs: Tensor,
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        buffers: Params | None = None,
-    ) -> Tensor:
-        if self.predict is None:
-            return self.rollout(params, inputs, args, kwargs, buffers)
-        self._bind(params)
-        return super().prediction({}, inputs, args, kwargs, buffers)
+    def step(self, state: Params, direction: Params, scale: Tensor) -> Params:
+        column = scale.reshape(-1, 1)
+        return {n: p - column * direction[n] for n, p in state.items()}
+
+    def rollout(self, state: Params, buffers: Params | None = None) -> Tensor:
+        self._bind(state)
+        return self.call.rollout({}, buffers)
+
+    def prediction(self, state: Params, buffers: Params | None = None) -> Tensor:
+        self._bind(state)
+        return self.call.prediction({}, buffers)
+
+    def params(self, state: Params) -> Params:
+        return state
 
 
 @contextlib.contextmanager
@@ -184,14 +213,7 @@ def _installed(modules: Mapping[str, nn.Module], hooks: list[_Hook]) -> Iterator
 
 
 def tailor_affine(
-    problem: InnerProblem,
-    params: Params,
-    inputs: Tensor,
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    *,
-    spec: Affine,
-    per_sample: bool,
+    call: Call, params: Params, progress: Progress, *, spec: Affine, per_sample: bool
 ) -> InnerResult:
     """Inner steps on per-sequence (``per_sample``) or batch-shared affines; the model's own
     ``params`` are not adapted (the affines are).
@@ -200,68 +222,19 @@ def tailor_affine(
     (``(1, C)`` when shared) per ``"<module>.scale"`` / ``"<module>.shift"``, at zero meaning
     identity.
     """
-    batch = inputs.shape[0]
+    batch = call.batch
     rows = batch if per_sample else 1
-    modules = spec.modules(problem.model)
+    modules = spec.modules(call.model)
     hooks = [
         _Hook(name, spec.channel_axis(m), batch, rows, spec.shift, {})
         for name, m in modules.items()
     ]
-    max_norm = problem.max_grad_norm
-    affine = _AffineProblem(**{**problem.__dict__, "max_grad_norm": None, "per_row": per_sample})
-    affine.hooks = hooks
-
-    def gradient(current: Params) -> tuple[Params, Tensor, Tensor]:
-        with torch.enable_grad():
-            output = affine.rollout(current, inputs, args, kwargs)  # fills `current` at step 0
-            loss = affine.loss(inputs, output)
-            names = list(current)
-            if not names:
-                raise AffineLayoutError(
-                    f"`adapt`: no module matching {spec.pattern!r} ran in the rollout."
-                )
-            total = loss.sum() if per_sample else loss.mean()
-            found = torch.autograd.grad(
-                total,
-                [current[n] for n in names],
-                create_graph=affine.create_graph,
-                retain_graph=affine.keeps_graphs,
-                allow_unused=True,
-            )
-        warn_if_graphless(affine, found)
-        grads = {n: torch.zeros_like(current[n]) if g is None else g for n, g in zip(names, found)}
-        if not affine.create_graph:
-            grads = {n: g.detach() for n, g in grads.items()}
-        if max_norm is not None:  # per row: each sequence's own affines
-            squared = sum(g.pow(2).sum(1) for g in grads.values())
-            scale = clip_scale(squared, max_norm)  # type: ignore[arg-type]
-            grads = {n: g * scale[:, None] for n, g in grads.items()}
-        return grads, output, loss
-
-    fresh = (
-        (lambda p: p)
-        if affine.differentiable
-        else (lambda p: {n: v.detach().requires_grad_() for n, v in p.items()})
-    )
     with _installed(modules, hooks):
-        result = inner_loop(affine, {}, inputs, args, kwargs, gradient, fresh)
-    problem.final_buffers = affine.final_buffers
-    problem.started = affine.started
-    if per_sample:
-        ok = torch.isfinite(result.losses).all(1)
-        ok = ok & torch.isfinite(result.prediction.reshape(batch, -1)).all(1)
-    else:
-        ok = result.ok.expand(batch)
-    result = result._replace(ok=ok)
-    if not affine.differentiable:
-        result = result.detached()
-    return result
+        return run(call, AffineStepper(call, hooks, spec, per_sample), progress)
 
 
 def hooked_copy(model: nn.Module, spec: Affine, affines: Params) -> nn.Module:
     """A copy of ``model`` that applies one sequence's affines ``{name: (C,)}`` for good."""
-    import copy
-
     clone = copy.deepcopy(model)
     modules = spec.modules(clone)
     fixed = {n: v.detach().unsqueeze(0) for n, v in affines.items()}

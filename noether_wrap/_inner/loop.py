@@ -1,0 +1,209 @@
+"""THE inner loop: k steps of one set of step transforms over a path-specific stepper.
+
+Every path (shared, vmap, low-rank, affine) runs :func:`run`. A path supplies a
+:class:`Stepper`, which only knows how to take a gradient at a point and how to move along it;
+everything that decides *how far* to move is here, written once:
+
+1. the step rule (:func:`step_size`): ``"fixed"`` (``lr``) or ``"polyak"`` (``lr · L / ‖∇L‖²``);
+2. clipping (``max_grad_norm``, per row);
+3. the finite mask (a row whose loss or gradient is non-finite is flagged);
+4. backtracking (:func:`backtrack`), whose decisions are constants in the backward.
+
+A *row* is what one decision is about: one sequence on the per-sequence paths (low-rank, per-sample
+affines), the whole batch on a shared step (its mean loss), and the one sequence a ``vmap`` lane
+holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from noether_wrap._inner.call import Call, InnerResult, Params, Progress
+from noether_wrap._warn import warn
+
+State = TypeVar("State")
+
+#: Step fractions a backtracking step tries, in order; none accepted means no step.
+BACKTRACKS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+STEP_RULES: tuple[str, ...] = ("fixed", "polyak")
+
+GRAPHLESS_WARNING = (
+    "NoetherWrapper: the inner gradient carries no graph although second-order training is on, "
+    "so the embedding gets no outer gradient (the step size still does). Part of the model's "
+    "backward is not differentiable: an adjoint ODE solver such as torchdiffeq.odeint_adjoint "
+    "(use odeint), or a custom autograd.Function without double backward."
+)
+
+
+@dataclass(frozen=True)
+class Gradient(Generic[State]):
+    """One inner gradient: where it was taken (``point``, with any lazily created parameters),
+    the rollout there (``output``) and its per-sequence ``loss`` ``(batch,)``, the path's own
+    ``direction``, and per row its ``squared_norm`` and whether it is ``finite``."""
+
+    point: State
+    output: Tensor
+    loss: Tensor
+    direction: Any
+    squared_norm: Tensor
+    finite: Tensor
+
+
+class Stepper(Protocol[State]):
+    """What a path supplies to :func:`run`."""
+
+    #: One decision per sequence (True) or one for the whole batch (False).
+    per_row: bool
+
+    def start(self) -> State:
+        """The untailored point."""
+
+    def gradient(self, state: State) -> Gradient[State]:
+        """Roll out at ``state`` and take the inner gradient there."""
+
+    def step(self, state: State, direction: Any, scale: Tensor) -> State:
+        """``state - scale * direction``, ``scale`` of shape ``(rows,)``."""
+
+    def rollout(self, state: State, buffers: Params | None = None) -> Tensor:
+        """The model's output at ``state``."""
+
+    def prediction(self, state: State, buffers: Params | None = None) -> Tensor:
+        """What the wrapper returns at ``state`` (``predict`` or the rollout)."""
+
+    def params(self, state: State) -> Params | None:
+        """The adapted parameters at ``state``, where the path materialises them."""
+
+
+def clip_scale(squared_norm: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / norm)`` from the squared gradient norm, with a finite derivative
+    everywhere: below ``max_norm`` the scale is the constant 1, so the square root is never
+    differentiated at 0 (an exactly zero inner gradient is common: a zero-initialised residual
+    branch, an all-zero padded sequence, a saturated embedding)."""
+    return max_norm * torch.rsqrt(squared_norm.clamp(min=max_norm**2))
+
+
+def step_size(call: Call, loss: Tensor, squared_norm: Tensor) -> Tensor:
+    """Each row's step length along its gradient, ``(rows,)``: the rule, then clipping.
+
+    ``"fixed"``: ``lr``. ``"polyak"``: ``lr · L / ‖∇L‖²``, the step that removes a fraction
+    ``lr`` of the row's loss ``L`` to first order: invariant to the scale of ``g`` and of the
+    loss; zero where the gradient is zero. Under second order the outer gradient flows through
+    ``L`` and ``‖∇L‖²`` too; under first order they are constants, as the gradient is.
+    """
+    if call.step_rule == "polyak":
+        moving = squared_norm > 0
+        safe = torch.where(moving, squared_norm, torch.ones_like(squared_norm))
+        ratio = torch.where(moving, loss / safe, torch.zeros_like(squared_norm))
+        if not call.create_graph:
+            ratio = ratio.detach()
+        scale = call.lr * ratio
+    else:
+        scale = call.lr * torch.ones_like(squared_norm)
+    if call.max_grad_norm is not None:
+        scale = scale * clip_scale(squared_norm, call.max_grad_norm)
+    return scale
+
+
+def _decided(loss: Tensor, per_row: bool) -> Tensor:
+    """What a decision is about: each sequence's loss, or the batch mean ``(1,)``."""
+    return loss if per_row else loss.mean().reshape(1)
+
+
+def _rows_finite(values: Tensor, per_row: bool) -> Tensor:
+    flags = torch.isfinite(values)
+    return flags.reshape(values.shape[0], -1).all(1) if per_row else flags.all().reshape(1)
+
+
+def backtrack(
+    call: Call,
+    stepper: Stepper[State],
+    point: State,
+    direction: Any,
+    scale: Tensor,
+    before: Tensor,
+) -> Tensor:
+    """``(rows,)`` fractions of this step to take: per row the first of ``BACKTRACKS`` whose
+    step keeps the row's loss at or below ``before``, else 0 (no step).
+
+    Decided without autograd, so the fractions enter the step as constants, as a line search's
+    decisions do; per row, so a sequence's decision never depends on the rest of its batch.
+    """
+    with torch.no_grad():
+        before = before.detach()
+        scale = scale.detach()
+        chosen = torch.zeros_like(before)
+        accepted = torch.zeros_like(before, dtype=torch.bool)
+        for fraction in BACKTRACKS:
+            trial_fraction = torch.where(accepted, chosen, torch.full_like(chosen, fraction))
+            trial = stepper.step(point, direction, scale * trial_fraction)
+            after = _decided(call.noether_loss(stepper.rollout(trial)), stepper.per_row)
+            newly = ~accepted & (after <= before)  # a non-finite trial is never accepted
+            chosen = torch.where(newly, torch.full_like(chosen, fraction), chosen)
+            accepted = accepted | newly
+            if not call.in_vmap and bool(accepted.all()):
+                break
+    return chosen
+
+
+def warn_if_graphless(call: Call, grads: Any) -> None:
+    """Warn when ``create_graph`` was asked for but no inner gradient is differentiable."""
+    if call.create_graph and not any(g is not None and g.requires_grad for g in grads):
+        warn(GRAPHLESS_WARNING, RuntimeWarning)
+
+
+def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
+    """Run ``call.steps`` inner steps over ``stepper``, then predict with the adapted state.
+
+    Returns an :class:`InnerResult`; ``ok`` is ``(batch,)`` (a shared step's one flag is
+    broadcast); ``losses`` holds each sequence's Noether loss before every step and after the
+    last. The final loss is always computed (every call notices a step that blew up), with a
+    graph only where the caller needs it; one rollout serves both when there is no ``predict``.
+    """
+    per_row = stepper.per_row
+    state = stepper.start()
+    start = state
+    losses: list[Tensor] = []
+    ok: Tensor | None = None
+    initial: Tensor | None = None
+    for i in range(call.steps):
+        progress.step = i
+        gradient = stepper.gradient(state)
+        progress.started = True
+        if i == 0:
+            initial, start = gradient.output, gradient.point
+        losses.append(gradient.loss)
+        decided = _decided(gradient.loss, per_row)
+        flags = torch.isfinite(decided) & gradient.finite
+        ok = flags if ok is None else ok & flags
+        scale = step_size(call, decided, gradient.squared_norm)
+        if call.step_control == "backtrack":
+            scale = scale * backtrack(
+                call, stepper, gradient.point, gradient.direction, scale, decided
+            )
+        state = stepper.step(gradient.point, gradient.direction, scale)
+    progress.step = call.steps
+    assert initial is not None and ok is not None
+    if call.predict is not None:
+        initial = stepper.prediction(start)
+    buffers = call.fresh_buffers()
+    prediction = stepper.prediction(state, buffers)
+    with contextlib.nullcontext() if call.need_final_loss else torch.no_grad():
+        rollout = prediction if call.predict is None else stepper.rollout(state)
+        final_loss = call.noether_loss(rollout)
+    losses.append(final_loss)
+    ok = ok & _rows_finite(final_loss, per_row) & _rows_finite(prediction, per_row)
+    result = InnerResult(
+        prediction,
+        initial,
+        torch.stack(losses, dim=-1),
+        ok.expand(call.batch),
+        stepper.params(state),
+        buffers,
+    )
+    return result if call.differentiable else result.detached()
