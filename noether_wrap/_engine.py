@@ -5,6 +5,7 @@ to do, and the warnings a user must see. :class:`~noether_wrap.NoetherWrapper` i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -85,28 +86,32 @@ def run_call(
     materialise: bool = False,
     forward: bool = False,
 ) -> InnerResult:
-    """Run ``steps`` inner steps for ``inputs`` on the path that applies, outside inference mode.
+    """Run ``steps`` inner steps for ``inputs`` on the path that applies, outside inference mode
+    (inference tensors cannot enter autograd, and the inner steps need it).
 
     ``materialise`` asks for a path that returns the adapted weights; ``forward`` marks a
     prediction call, which updates the model's buffers as one unwrapped call would and warns
     about diverged steps. Records the path in ``net.last_path``.
     """
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False), torch.no_grad():
+    inference = torch.is_inference_mode_enabled()
+    with contextlib.ExitStack() as stack:
+        if inference:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.no_grad())
+            inputs = inputs.clone()
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-            return run_call(
-                net,
-                inputs.clone(),
-                args,
-                kwargs,
-                steps=steps,
-                need_final_loss=need_final_loss,
-                materialise=materialise,
-                forward=forward,
-            )
+        call = _make_call(net, inputs, args, kwargs, steps, need_final_loss)
+        result = _run(net, call, materialise)
+    if forward:
+        _write_back_buffers(net.model, result.buffers)
+        _warn_if_diverged(net.options, result.losses)
+    return result
+
+
+def _run(net: NoetherWrapper, call: Call, materialise: bool) -> InnerResult:
+    """The path's run, its low-rank fallback, non-finite recovery and error translation."""
     options = net.options
-    call = _make_call(net, inputs, args, kwargs, steps, need_final_loss)
     selected = set(net.adapted_names())
     params: Params = {n: p for n, p in net.model.named_parameters() if n in selected}
     progress = Progress()
@@ -129,27 +134,20 @@ def run_call(
         if (progress.step == 0 and not progress.started) or path == "vmap":
             raise _path_error(call, path, error) from error
         where = (
-            f"at inner step {progress.step} of inner_steps={steps} for inputs of shape "
-            f"{tuple(inputs.shape)}"
+            f"at inner step {progress.step} of inner_steps={call.steps} for inputs of shape "
+            f"{tuple(call.inputs.shape)}"
         )
         raise RuntimeError(f"NoetherWrapper: tailoring failed {where}: {error}") from error
     finally:
         net.last_path = path
     _warn_if_no_op(net, result)
-    if forward:
-        _write_back_buffers(net.model, result.buffers)
-        _warn_if_diverged(options, result.losses)
     return result
 
 
 def _make_call(
-    net: NoetherWrapper,
-    inputs: Tensor,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    steps: int,
-    need_final_loss: bool,
-) -> Call:
+    net: NoetherWrapper, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
+    steps: int, need_final_loss: bool,
+) -> Call:  # fmt: skip
     options = net.options
     differentiable = torch.is_grad_enabled()
     lr = net.log_inner_lr.exp()

@@ -11,10 +11,8 @@ The affines act through forward hooks on the matching modules, installed for one
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +21,14 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from noether_wrap._inner.call import Call, InnerResult, Params, Progress
+from noether_wrap._inner.call import (
+    Call,
+    HookedStepper,
+    InnerResult,
+    Params,
+    Progress,
+    forward_hooks,
+)
 from noether_wrap._inner.loop import Gradient, run, warn_if_graphless
 
 _CHANNELS_FIRST = (_ConvNd, _NormBase, nn.GroupNorm)
@@ -134,7 +139,7 @@ class _Hook:
         return (scaled, *out[1:]) if isinstance(out, tuple) else scaled
 
 
-class AffineStepper:
+class AffineStepper(HookedStepper):
     """Steps per-sequence (or batch-shared) affines ``{"<module>.scale" | ".shift": (rows, C)}``,
     created at identity by the first rollout's hooks; the model's own weights stay as they are.
 
@@ -151,7 +156,7 @@ class AffineStepper:
     def start(self) -> Params:
         return {}
 
-    def _bind(self, state: Params) -> None:
+    def bind(self, state: Params) -> None:
         for hook in self.hooks:
             hook.current = state
 
@@ -190,26 +195,8 @@ class AffineStepper:
         column = scale.reshape(-1, 1)
         return {n: p - column * direction[n] for n, p in state.items()}
 
-    def rollout(self, state: Params, buffers: Params | None = None) -> Tensor:
-        self._bind(state)
-        return self.call.rollout({}, buffers)
-
-    def prediction(self, state: Params, buffers: Params | None = None) -> Tensor:
-        self._bind(state)
-        return self.call.prediction({}, buffers)
-
     def params(self, state: Params) -> Params:
         return state
-
-
-@contextlib.contextmanager
-def _installed(modules: Mapping[str, nn.Module], hooks: list[_Hook]) -> Iterator[None]:
-    handles = [modules[h.name].register_forward_hook(h) for h in hooks]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def tailor_affine(
@@ -229,7 +216,7 @@ def tailor_affine(
         _Hook(name, spec.channel_axis(m), batch, rows, spec.shift, {})
         for name, m in modules.items()
     ]
-    with _installed(modules, hooks):
+    with forward_hooks((modules[h.name], h) for h in hooks):
         return run(call, AffineStepper(call, hooks, spec, per_sample), progress)
 
 

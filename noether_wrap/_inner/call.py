@@ -8,7 +8,7 @@ a separate :class:`Progress` that the caller owns.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -154,3 +154,32 @@ class InnerResult(NamedTuple):
             losses=self.losses.detach(),
             params=params,
         )
+
+
+@contextlib.contextmanager
+def forward_hooks(pairs: Iterable[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Forward hooks installed for the duration of one call, removed whatever happens."""
+    handles = [module.register_forward_hook(hook) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class HookedStepper:
+    """Base of the paths whose state acts through forward hooks on the model's own modules
+    (low-rank updates, affines): bind a state to the hooks, then run the model as it is."""
+
+    call: Call
+
+    def bind(self, state: Any) -> None:
+        raise NotImplementedError
+
+    def rollout(self, state: Any, buffers: Params | None = None) -> Tensor:
+        self.bind(state)
+        return self.call.rollout({}, buffers)
+
+    def prediction(self, state: Any, buffers: Params | None = None) -> Tensor:
+        self.bind(state)
+        return self.call.prediction({}, buffers)

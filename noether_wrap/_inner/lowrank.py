@@ -24,8 +24,6 @@ trial step (backtracking) is one more state, not a mutation.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -33,7 +31,14 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from noether_wrap._inner.call import Call, InnerResult, Params, Progress
+from noether_wrap._inner.call import (
+    Call,
+    HookedStepper,
+    InnerResult,
+    Params,
+    Progress,
+    forward_hooks,
+)
 from noether_wrap._inner.loop import Gradient, run, warn_if_graphless
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
@@ -304,20 +309,10 @@ class _Conv(_Layer):
         return update
 
 
-@contextlib.contextmanager
-def _hooked(layers: list[_Layer]) -> Iterator[None]:
-    handles = [layer.module.register_forward_hook(layer.hook) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 LowRankState = tuple[Update, ...]
 
 
-class LowRankStepper:
+class LowRankStepper(HookedStepper):
     """Steps per-sample layer updates (:class:`Update`, one per adapted layer); one row per
     sequence. The model's parameters are not swapped: the hooks add each update's correction."""
 
@@ -330,7 +325,7 @@ class LowRankStepper:
     def start(self) -> LowRankState:
         return tuple(Update() for _ in self.layers)
 
-    def _bind(self, state: LowRankState) -> None:
+    def bind(self, state: LowRankState) -> None:
         for layer, update in zip(self.layers, state):
             layer.update = update
 
@@ -386,14 +381,6 @@ class LowRankStepper:
             for layer, update, d in zip(self.layers, state, direction)
         )
 
-    def rollout(self, state: LowRankState, buffers: Params | None = None) -> Tensor:
-        self._bind(state)
-        return self.call.rollout({}, buffers)
-
-    def prediction(self, state: LowRankState, buffers: Params | None = None) -> Tensor:
-        self._bind(state)
-        return self.call.prediction({}, buffers)
-
     def params(self, state: LowRankState) -> None:
         return None
 
@@ -420,5 +407,5 @@ def tailor_lowrank(
     ]
     for layer in layers:
         layer.detach_inputs = not call.create_graph
-    with _hooked(layers):
+    with forward_hooks((layer.module, layer.hook) for layer in layers):
         return run(call, LowRankStepper(call, layers), progress)
