@@ -15,27 +15,39 @@ The lag (default: the embedding's ``window``) makes observation noise drop out o
 term: noise independent in time is uncorrelated between two embedding inputs that share no
 frame. With a shorter lag, overlapping windows share frames, and a ``g`` that differences them
 earns a negative within covariance from the noise alone; a clearly negative ratio is that
-exploit, not conservation.
+exploit, not conservation, and :func:`fit_conserved` refuses it (see there).
 """
 
 from __future__ import annotations
 
-import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from noether_wrap._checks import check_int, check_positive_float
+from noether_wrap._scatter import scatter, whiten
 from noether_wrap.embeddings import FeatureLibrary, Standardized
 from noether_wrap.loss import embed, stack_windows
 
 Trajectories = Tensor | Sequence[Tensor]
 
-#: Relative ridge on the total covariance, so that ``m`` outputs that duplicate each other
-#: score badly instead of dividing by zero.
+#: Ridge on the total covariance, relative to its mean variance, so that ``m`` outputs that
+#: duplicate each other score badly instead of dividing by zero (float32 codes: it must sit well
+#: above float32's 1.2e-7 resolution; the closed form in float64 uses 1e-9, see embeddings.py).
 _RIDGE = 1e-6
+
+#: How far below the white-noise floor ``-1 / L`` a fitted ratio may fall before it is taken for
+#: an exploit (swapped axes, a lag too short) rather than a fit: see :func:`fit_conserved`.
+_NEGATIVE_MARGIN = 0.05
+
+#: Below this, the convergence rule of :func:`fit_conserved` counts improvements absolutely
+#: (``tol * 1e-3``): a ratio of 1e-3 leaves 0.1 % of g's variance unconserved, and chasing
+#: relative gains under it would run noise-free data to ``max_steps``.
+_RATIO_FLOOR = 1e-3
 
 
 def _as_list(trajectories: Trajectories, name: str = "trajectories") -> list[Tensor]:
@@ -67,6 +79,7 @@ def trajectory_codes(
         A list of ``(T_i - window + 1, m)`` tensors, one per trajectory.
     """
     trajs = _as_list(trajectories)
+    _check_dtype(embedding, trajs)
     if isinstance(trajectories, Tensor):
         codes = embed(embedding, stack_windows(trajectories, window))
         return list(codes.unbind(0))
@@ -74,25 +87,6 @@ def trajectory_codes(
     lengths = [w.shape[0] for w in windows]
     flat = embed(embedding, torch.cat(windows).unsqueeze(0))[0]
     return list(torch.split(flat, lengths))
-
-
-def _scatter(codes: list[Tensor], lag: int) -> tuple[Tensor, Tensor]:
-    """Total covariance ``S`` and within-trajectory (lag) covariance ``W``, both ``(m, m)``."""
-    allc = torch.cat(codes)
-    centred = allc - allc.mean(0)
-    total = centred.T @ centred / allc.shape[0]
-    within = torch.zeros_like(total)
-    count = 0
-    for c in codes:
-        d = c - c.mean(0)
-        if lag == 0:
-            within = within + d.T @ d
-            count += d.shape[0]
-        else:
-            cross = d[:-lag].T @ d[lag:]
-            within = within + 0.5 * (cross + cross.T)
-            count += d.shape[0] - lag
-    return total, within / count
 
 
 def conservation_ratios(
@@ -170,19 +164,20 @@ def _whitened_within(
     """``L^-1 W L^-T`` with ``L L^T = S`` (ridged), the within covariance of whitened outputs,
     and ``L``."""
     codes = trajectory_codes(embedding, trajectories, window=window)
-    total, within = _scatter(codes, _check_lag(lag, window))
-    m = total.shape[0]
-    scale = torch.diagonal(total).sum().detach() / m
+    total, within = scatter(codes, _check_lag(lag, window))
+    scale = torch.diagonal(total).sum().detach()
+    if not bool(torch.isfinite(scale)):
+        _check_finite(_as_list(trajectories))  # names the trajectory, if that is where it is
+        raise ValueError(
+            "`embedding`'s outputs on `trajectories` are not finite (NaN or inf) although the "
+            "states are: check `embedding` for NaN parameters or an overflow."
+        )
     if not bool(scale > 0):
         raise ValueError(
             "`embedding` is constant on `trajectories` (zero variance): nothing to compare. "
             "Check that it depends on the state."
         )
-    eye = torch.eye(m, dtype=total.dtype, device=total.device)
-    chol = torch.linalg.cholesky(total + _RIDGE * scale * eye)
-    inner = torch.linalg.solve_triangular(chol, within, upper=False)
-    sym: Tensor = torch.linalg.solve_triangular(chol, inner.T, upper=False)
-    return 0.5 * (sym + sym.T), chol
+    return whiten(total, within, _RIDGE)
 
 
 def conserved_basis(
@@ -205,9 +200,65 @@ def conserved_basis(
 def _check_lag(lag: int | None, window: int) -> int:
     if lag is None:
         return window
-    if not isinstance(lag, int) or isinstance(lag, bool) or lag < 0:
-        raise ValueError(f"`lag` must be a non-negative int or None (= window), got {lag!r}.")
-    return lag
+    return check_int("lag", lag, minimum=0)
+
+
+def _check_finite(trajs: list[Tensor], name: str = "trajectories") -> None:
+    """Raise a ValueError naming how many non-finite values (NaN, inf) ``trajs`` hold, and where.
+
+    One device sync for all trajectories; integer states pass.
+    """
+    device = trajs[0].device
+    counts = torch.stack([(~torch.isfinite(t)).sum().to(device) for t in trajs]).tolist()
+    total = sum(counts)
+    if total == 0:
+        return
+    where: list[str] = []
+    for i, count in enumerate(counts):
+        if count and len(where) < 5:
+            steps = (~torch.isfinite(trajs[i])).flatten(1).any(1).nonzero().flatten()
+            where.append(f"{count} in trajectory {i} (first at time step {int(steps[0])})")
+    shown = sum(1 for c in counts if c)
+    more = f", and {shown - len(where)} more trajectories" if shown > len(where) else ""
+    raise ValueError(
+        f"`{name}` holds {total} non-finite value(s) (NaN or inf): {'; '.join(where)}{more}. "
+        "The conservation ratio needs finite states: drop or repair those trajectories."
+    )
+
+
+def _check_dtype(embedding: object, trajs: list[Tensor]) -> None:
+    """Raise a ValueError when floating ``trajs`` and the embedding's floating parameters differ
+    in dtype (torch would say only ``mat1 and mat2 must have the same dtype``).
+
+    A :class:`~noether_wrap.embeddings.FeatureLibrary` casts its weights to the states' dtype,
+    so its parameters are not compared; modules with parameters of several dtypes are left to
+    themselves.
+    """
+    dtypes = {t.dtype for t in trajs}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"`trajectories` mix dtypes {sorted(str(d) for d in dtypes)}: convert them to one."
+        )
+    data = trajs[0].dtype
+    if not isinstance(embedding, nn.Module) or not data.is_floating_point:
+        return
+    params = {
+        p.dtype
+        for module in embedding.modules()
+        if not isinstance(module, FeatureLibrary)
+        for p in module.parameters(recurse=False)
+        if p.is_floating_point()
+    }
+    if len(params) != 1 or data in params:
+        return
+    (param,) = params
+    short = {torch.float32: "float", torch.float64: "double", torch.float16: "half"}
+    fix_data = f"`trajectories.{short[param]}()`" if param in short else f"`.to({param})`"
+    fix_g = f"`embedding.{short[data]}()`" if data in short else f"`embedding.to({data})`"
+    raise ValueError(
+        f"`trajectories` are {data} but `embedding`'s parameters are {param}: convert one to "
+        f"the other, e.g. {fix_data} or {fix_g}."
+    )
 
 
 class ConservedFit(NamedTuple):
@@ -216,15 +267,27 @@ class ConservedFit(NamedTuple):
     Attributes:
         embedding: the fitted ``g`` (a :class:`~noether_wrap.embeddings.Standardized` around it
             when ``standardize=True``).
-        ratios: the final conservation ratio of each whitened output, ascending (0 = conserved).
-        losses: the objective after every optimisation step (empty for the closed form).
+        ratios: the final conservation ratio of each whitened output on all trajectories,
+            ascending (0 = conserved).
+        losses: the training objective after every optimisation step (empty for the closed
+            form).
         seconds: wall time of the fit.
+        steps: optimisation steps taken (``len(losses)``; 0 for the closed form).
+        best_step: the step whose parameters were kept: ``steps`` for a fixed count, the best
+            held-out evaluation under the convergence rule (``steps=None``).
+        held_out: the held-out objective at every evaluation (one per ``eval_every`` steps)
+            under the convergence rule; None for a fixed count or the closed form.
+
+    The first four fields keep their order, so ``g, ratios, losses, seconds, *_ = fit`` unpacks.
     """
 
     embedding: nn.Module
     ratios: list[float]
     losses: list[float]
     seconds: float
+    steps: int = 0
+    best_step: int = 0
+    held_out: list[float] | None = None
 
 
 def fit_conserved(
@@ -233,12 +296,17 @@ def fit_conserved(
     *,
     lag: int | None = None,
     window: int = 1,
-    steps: int = 2000,
+    steps: int | None = None,
     lr: float = 1e-3,
     batch: int | None = None,
     standardize: bool = True,
     seed: int | None = 0,
     progress: bool = True,
+    max_steps: int = 20_000,
+    eval_every: int = 100,
+    patience: int = 5,
+    tol: float = 1e-2,
+    holdout: float = 0.2,
 ) -> ConservedFit:
     """Train ``g`` to be conserved along observed trajectories (:func:`conservation_loss`).
 
@@ -249,22 +317,54 @@ def fit_conserved(
     also rotated onto the generalised eigenvectors, so they come out uncorrelated on the fit data
     and sorted from the most nearly conserved.
 
+    **How long.** With ``steps=None`` (default) Adam runs until the objective converges: a
+    share ``holdout`` of the trajectories (at least 2, picked by ``seed``) is held out, their
+    objective is evaluated every ``eval_every`` steps, and training stops once it has not
+    improved by ``tol`` (relative) for ``patience`` evaluations in a row, or after ``max_steps``.
+    The parameters of the best held-out evaluation are restored; they are *not* refitted on all
+    trajectories (the held-out share only picks when to stop), but the reported ``ratios`` and
+    the standardisation use all of them. With fewer than 4 trajectories nothing can be held out
+    (a ratio needs two trajectories on each side) and the rule watches the objective on all of
+    them. An int ``steps`` runs exactly that many steps on all trajectories (the behaviour
+    before the rule).
+
+    **A clearly negative ratio is refused.** A conserved ``g`` has ratio about 0; an unconserved
+    one a positive ratio, or down to about ``-1 / L`` (``L`` embedding inputs per trajectory)
+    when it is white noise, from centring each trajectory on its own mean. A fitted ratio below
+    ``-(0.05 + 1 / L)`` means ``g`` learned to *anti*-correlate at ``lag``: usually
+    ``trajectories`` given as ``(T, n, *state)`` instead of ``(n, T, *state)``, or a ``lag``
+    too short (inputs sharing frames when ``lag < window``; motion that reverses within ``lag``
+    steps). That raises a ValueError when ``lag >= window``; with an explicit ``lag < window``
+    it only warns (the frame-sharing exploit is then expected, and the caller asked for it).
+
     Args:
-        embedding: ``g``, ``(N, *state) -> (N, m)`` or ``(N,)``; trained in place.
+        embedding: ``g``, ``(N, *state) -> (N, m)`` or ``(N,)``; trained in place. Its
+            floating parameters must have the trajectories' dtype.
         trajectories: ``(n, T, *state)`` or a sequence of ``(T_i, *state)``: observed (noisy)
-            training trajectories, at least two.
+            training trajectories, at least two, finite.
         lag: steps between the inputs of the within covariance (default ``window``: robust to
             observation noise); 0 or 1 for a ``FeatureLibrary``.
         window: frames per embedding input, stacked as ``NoetherWrapper(window=...)`` does.
-        steps: Adam steps (ignored by the closed form).
+        steps: Adam steps; None: until converged (above). Ignored by the closed form.
         lr: Adam's learning rate.
-        batch: trajectories per step (a random subset each step); None: all of them.
+        batch: trajectories per step (a random subset of the training share each step); None:
+            all of them.
         standardize: wrap the result in :class:`~noether_wrap.embeddings.Standardized`.
-        seed: seeds the batch sampling (None: torch's global generator).
+        seed: seeds the hold-out split and the batch sampling (None: torch's global generator).
         progress: a tqdm bar when tqdm is installed.
+        max_steps: the cap of the convergence rule (``steps=None`` only).
+        eval_every: steps between held-out evaluations (``steps=None`` only).
+        patience: evaluations without improvement before stopping (``steps=None`` only).
+        tol: the relative improvement that counts (``steps=None`` only): an evaluation improves
+            on the best ``b`` when it is below ``b - tol * max(|b|, 1e-3)``.
+        holdout: the share of trajectories held out (``steps=None`` only), in (0, 1).
 
     Returns:
-        A :class:`ConservedFit`.
+        A :class:`ConservedFit`; ``fit.steps`` says how many steps the rule took.
+
+    Raises:
+        ValueError: for a non-finite state, a dtype mismatch between ``trajectories`` and
+            ``embedding``, or a clearly negative fitted ratio (above).
 
     Example:
         >>> import torch
@@ -273,30 +373,41 @@ def fit_conserved(
         >>> t = torch.linspace(0, 6, 40)
         >>> trajs = torch.stack([torch.cos(t), torch.sin(t)], -1) * (torch.rand(16, 1, 1) + 0.5)
         >>> fit = fit_conserved(MLPEmbedding(2), trajs, steps=200, progress=False)
-        >>> fit.ratios[0] < 0.05
-        True
+        >>> fit.ratios[0] < 0.05, fit.steps
+        (True, 200)
+        >>> fit = fit_conserved(MLPEmbedding(2), trajs, lr=1e-2, eval_every=10, patience=2,
+        ...                    progress=False)
+        >>> fit.ratios[0] < 0.05, fit.steps < 20_000, len(fit.held_out) == fit.steps // 10
+        (True, True, True)
     """
     if not isinstance(embedding, nn.Module):
         raise TypeError(f"`embedding` (type: {type(embedding).__name__}) is not an nn.Module.")
     trajs = _as_list(trajectories)
     if len(trajs) < 2:
         raise ValueError(f"`trajectories` must hold at least 2 trajectories, got {len(trajs)}.")
+    check_int("window", window)
     lag = _check_lag(lag, window)
-    for name, value in (("steps", steps), ("window", window)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if batch is not None and (not isinstance(batch, int) or batch < 2):
-        raise ValueError(f"`batch` must be None or an int >= 2, got {batch!r}.")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"`lr` must be a positive float, got {lr!r}.")
+    check_int("steps", steps, allow_none=True)
+    check_int("batch", batch, minimum=2, allow_none=True)
+    lr = check_positive_float("lr", lr)
+    check_int("max_steps", max_steps)
+    check_int("eval_every", eval_every)
+    check_int("patience", patience)
+    tol = check_positive_float("tol", tol)
+    if not (isinstance(holdout, (int, float)) and 0 < holdout < 1):
+        raise ValueError(f"`holdout` must be a share in (0, 1), got {holdout!r}.")
     short = min(t.shape[0] for t in trajs)
     if short < window + lag + 1:
         raise ValueError(
             f"`trajectories`: each needs at least window + lag + 1 = {window + lag + 1} states, "
             f"the shortest has {short}."
         )
+    _check_finite(trajs)
+    _check_dtype(embedding, trajs)
     start = time.perf_counter()
     losses: list[float] = []
+    held_out: list[float] | None = None
+    best_step = 0
     if isinstance(embedding, FeatureLibrary):
         if window != 1:
             raise ValueError(
@@ -304,33 +415,156 @@ def fit_conserved(
             )
         embedding.fit_conserved(trajs, lag=lag)
     else:
-        params = [p for p in embedding.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in embedding.parameters()):
             raise ValueError("`embedding` has no trainable parameter to fit.")
         gen = None if seed is None else torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.Adam(params, lr=lr)
-        ticks = _progress(range(steps), progress, "fit_conserved")
-        same_length = isinstance(trajectories, Tensor)
-        for _ in ticks:
-            if batch is None or batch >= len(trajs):
-                chosen: Trajectories = trajectories if same_length else trajs
-            else:
-                pick = torch.randperm(len(trajs), generator=gen)[:batch].tolist()
-                chosen = [trajs[i] for i in pick]
-                if same_length:
-                    chosen = torch.stack(chosen)
-            loss = conservation_loss(embedding, chosen, lag=lag, window=window)
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        run = _Run(embedding, trajectories, trajs, lag, window, lr, batch, gen)
+        if steps is not None:
+            run.train(_progress(range(steps), progress, "fit_conserved"))
+            best_step = steps
+        else:
+            held_out, best_step = run.until_converged(
+                max_steps, eval_every, patience, tol, holdout, progress
+            )
+        losses = run.losses
     ratios, basis = conserved_basis(embedding, trajs, lag=lag, window=window)
+    _check_negative(float(ratios[0]), trajectories, trajs, lag, window)
     fitted: nn.Module = embedding
     if standardize:
         mix = basis if basis.shape[0] > 1 else None
         fitted = Standardized.fit(embedding, trajs, window=window, basis=mix)
     seconds = time.perf_counter() - start
-    return ConservedFit(fitted, [float(r) for r in ratios], losses, seconds)
+    return ConservedFit(
+        fitted, [float(r) for r in ratios], losses, seconds, len(losses), best_step, held_out
+    )
+
+
+class _Run:
+    """Adam on the objective over a subset of the trajectories (all of them by default)."""
+
+    def __init__(
+        self,
+        embedding: nn.Module,
+        trajectories: Trajectories,
+        trajs: list[Tensor],
+        lag: int,
+        window: int,
+        lr: float,
+        batch: int | None,
+        gen: torch.Generator | None,
+    ) -> None:
+        self.embedding, self.trajectories, self.trajs = embedding, trajectories, trajs
+        self.lag, self.window, self.batch, self.gen = lag, window, batch, gen
+        params = [p for p in embedding.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=lr)
+        self.train_idx = list(range(len(trajs)))
+        self.losses: list[float] = []
+
+    def subset(self, idx: list[int]) -> Trajectories:
+        """The trajectories at ``idx``; stacked when they came as one tensor."""
+        if len(idx) == len(self.trajs) and isinstance(self.trajectories, Tensor):
+            return self.trajectories
+        chosen = [self.trajs[i] for i in idx]
+        return torch.stack(chosen) if isinstance(self.trajectories, Tensor) else chosen
+
+    def train(self, ticks) -> None:  # type: ignore[no-untyped-def]
+        """One Adam step per tick, on a batch of the training share."""
+        idx = self.train_idx
+        full = self.subset(idx)
+        for _ in ticks:
+            if self.batch is None or self.batch >= len(idx):
+                chosen = full
+            else:
+                pick = torch.randperm(len(idx), generator=self.gen)[: self.batch].tolist()
+                chosen = self.subset([idx[i] for i in pick])
+            loss = conservation_loss(self.embedding, chosen, lag=self.lag, window=self.window)
+            self.optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            self.optimizer.step()
+            self.losses.append(float(loss.detach()))
+
+    def until_converged(
+        self,
+        max_steps: int,
+        eval_every: int,
+        patience: int,
+        tol: float,
+        holdout: float,
+        progress: bool,
+    ) -> tuple[list[float], int]:
+        """Train until the held-out objective stalls; restore the best. Returns the held-out
+        objective at every evaluation and the step that was kept."""
+        n = len(self.trajs)
+        held_idx = self.train_idx
+        if n >= 4:
+            n_held = min(max(2, round(holdout * n)), n - 2)
+            order = torch.randperm(n, generator=self.gen).tolist()
+            held_idx, self.train_idx = sorted(order[:n_held]), sorted(order[n_held:])
+        held = self.subset(held_idx)
+        bar = _progress(range(max_steps), progress, "fit_conserved")
+        ticks = iter(bar)
+        history: list[float] = []
+        best, best_step, since = float("inf"), 0, 0
+        best_state: dict[str, Tensor] | None = None
+        done = 0
+        while done < max_steps and since < patience:
+            block = min(eval_every, max_steps - done)
+            self.train(next(ticks) for _ in range(block))
+            done += block
+            with torch.no_grad():
+                value = float(
+                    conservation_loss(self.embedding, held, lag=self.lag, window=self.window)
+                )
+            history.append(value)
+            if best_state is None or value < best:
+                margin = tol * max(abs(best), _RATIO_FLOOR)
+                significant = best_state is None or value < best - margin
+                since = 0 if significant else since + 1
+                best, best_step = value, done
+                best_state = {k: v.detach().clone() for k, v in self.embedding.state_dict().items()}
+            else:
+                since += 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(held_out=f"{value:.4g}")
+        if hasattr(bar, "close"):
+            bar.close()
+        if best_state is not None:
+            self.embedding.load_state_dict(best_state)
+        return history, best_step
+
+
+def _check_negative(
+    ratio: float, trajectories: Trajectories, trajs: list[Tensor], lag: int, window: int
+) -> None:
+    """Refuse (lag >= window) or warn about (lag < window) a clearly negative fitted ratio."""
+    inputs = min(t.shape[0] for t in trajs) - window + 1
+    threshold = -(_NEGATIVE_MARGIN + 1.0 / inputs)
+    if ratio >= threshold:
+        return
+    if isinstance(trajectories, Tensor):
+        n, length = trajectories.shape[:2]
+        given = (
+            f"got shape {tuple(trajectories.shape)}, read as n={n} trajectories of T={length} "
+            "states"
+        )
+    else:
+        given = f"got {len(trajs)} trajectories of {inputs + window - 1} to "
+        given += f"{max(t.shape[0] for t in trajs)} states"
+    if lag < window:
+        short = f"lag={lag} < window={window} lets neighbouring inputs share frames"
+    else:
+        short = f"motion that reverses within lag={lag} steps anti-correlates"
+    message = (
+        f"the fitted conservation ratio is {ratio:.3g}, clearly negative (below {threshold:.3g} "
+        f"= -({_NEGATIVE_MARGIN} + 1/{inputs}), the floor for white noise): `embedding` learned "
+        f"to anti-correlate at lag {lag}, which is no conserved quantity. Are the axes of "
+        f"`trajectories` swapped? It must be (n, T, *state); {given}. Or is `lag` too short? "
+        f"{short}: try a longer `lag`."
+    )
+    if lag < window:
+        warnings.warn(message, stacklevel=3)
+        return
+    raise ValueError(message)
 
 
 def _progress(iterable: range, show: bool, desc: str):  # type: ignore[no-untyped-def]

@@ -10,9 +10,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from noether_wrap._checks import check_int
+from noether_wrap._scatter import scatter, whiten
 from noether_wrap.loss import stack_windows
 
 __all__ = ["ConvEmbedding", "FeatureLibrary", "MLPEmbedding", "Standardized"]
+
+#: Ridge of the closed form, relative to the mean variance of the standardised features (about
+#: 1): in float64 it only has to keep nearly collinear features (``q``, ``sin(q)``) factorable,
+#: and a larger one would bias the fitted coefficients (the pendulum's ``-3 cos(q)`` is pinned to
+#: 1e-3). The gradient path (:mod:`noether_wrap.conservation`) keeps its own, larger one.
+_LIBRARY_RIDGE = 1e-9
 
 
 class MLPEmbedding(nn.Module):
@@ -51,8 +59,7 @@ class MLPEmbedding(nn.Module):
             ("hidden", hidden),
             ("depth", depth),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            check_int(name, value)
         layers: list[nn.Module] = []
         width = in_features
         for _ in range(depth):
@@ -111,8 +118,7 @@ class ConvEmbedding(nn.Module):
             ("out_features", out_features),
             ("hidden", hidden),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            check_int(name, value)
         self.in_channels = window * in_channels
         self.net = nn.Sequential(
             nn.Conv2d(self.in_channels, hidden, 3, padding=1),
@@ -259,7 +265,7 @@ class FeatureLibrary(nn.Module):
         Returns:
             ``self``, with ``weights`` and ``conservation_ratio`` set.
         """
-        if lag not in (0, 1):
+        if isinstance(lag, bool) or lag not in (0, 1):
             raise ValueError(f"`lag` must be 0 or 1, got {lag!r}.")
         trajs = (
             list(trajectories.unbind(0)) if isinstance(trajectories, Tensor) else list(trajectories)
@@ -276,26 +282,13 @@ class FeatureLibrary(nn.Module):
                     )
             allphi = torch.cat(phis)
             mean, std = allphi.mean(0), allphi.std(0).clamp_min(1e-12)
-            zs = [(phi - mean) / std for phi in phis]
-            z = torch.cat(zs)
-            total = z.T @ z / z.shape[0]
-            within = torch.zeros_like(total)
-            count = 0
-            for zi in zs:
-                c = zi - zi.mean(0)
-                if lag == 0:
-                    within += c.T @ c
-                    count += c.shape[0]
-                else:
-                    cross = c[:-1].T @ c[1:]
-                    within += 0.5 * (cross + cross.T)
-                    count += c.shape[0] - 1
-            within /= count
-            eye = torch.eye(total.shape[0], dtype=total.dtype)
-            chol = torch.linalg.cholesky(total + 1e-9 * eye)
-            inner = torch.linalg.solve_triangular(chol, within, upper=False)
-            sym = torch.linalg.solve_triangular(chol, inner.T, upper=False)
-            values, vectors = torch.linalg.eigh(0.5 * (sym + sym.T))
+            total, within = scatter([(phi - mean) / std for phi in phis], lag)
+            if not bool(torch.diagonal(total).sum() > 0):
+                raise ValueError(
+                    f"every feature of {self.terms} is constant on `trajectories`: nothing to fit."
+                )
+            sym, chol = whiten(total, within, _LIBRARY_RIDGE)
+            values, vectors = torch.linalg.eigh(sym)
             wz = torch.linalg.solve_triangular(chol.T, vectors[:, :1], upper=True).squeeze(1)
             w = wz / std
             w = w / w.abs().max()

@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from noether_wrap._checks import check_choice, check_int
+
 Method = Literal["step", "euler", "rk4"]
 METHODS: tuple[str, ...] = ("step", "euler", "rk4")
 
@@ -54,8 +56,7 @@ class Rollout(nn.Module):
         if not isinstance(step, nn.Module):
             raise TypeError(f"`step` (type: {type(step).__name__}) is not an nn.Module.")
         _check_horizon(horizon)
-        if not isinstance(method, str) or method not in METHODS:
-            raise ValueError(f"`method` must be one of {set(METHODS)}, got {method!r}.")
+        check_choice("method", method, METHODS)
         if method == "step" and dt is not None:
             raise ValueError(
                 f"`dt` (={dt}) applies to vector fields only; pass method='euler' or 'rk4', "
@@ -63,8 +64,7 @@ class Rollout(nn.Module):
             )
         if method != "step" and (not isinstance(dt, (int, float)) or not dt > 0):
             raise ValueError(f"`dt` must be a positive float for method={method!r}, got {dt!r}.")
-        if not isinstance(context, int) or isinstance(context, bool) or context < 1:
-            raise ValueError(f"`context` must be a positive int, got {context!r}.")
+        check_int("context", context)
         if context > 1 and method != "step":
             raise ValueError(f"`context` > 1 needs method='step', got method={method!r}.")
         self.step = step
@@ -125,6 +125,4 @@ class Rollout(nn.Module):
 
 
 def _check_horizon(horizon: object) -> int:
-    if not isinstance(horizon, int) or isinstance(horizon, bool) or horizon < 1:
-        raise ValueError(f"`horizon` must be a positive int, got {horizon!r}.")
-    return horizon
+    return check_int("horizon", horizon)

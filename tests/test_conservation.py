@@ -212,3 +212,102 @@ def test_the_default_lag_is_the_window_so_frame_noise_cannot_be_exploited() -> N
     exploited = float(conservation_loss(difference, noise, window=2, lag=1))
     honest = float(conservation_loss(difference, noise, window=2))
     assert exploited < -0.4 and abs(honest) < 0.1
+
+
+def test_swapped_axes_give_a_clearly_negative_ratio_which_is_refused() -> None:
+    """``(T, n, state)`` instead of ``(n, T, state)`` fits a g that anti-correlates at the lag;
+    a clearly negative ratio is no fit, and the error says what shape was expected."""
+    train, _ = _oscillator(32, seed=0)
+    swapped = train.transpose(0, 1)  # (40, 32, 2): read as 40 trajectories of 32 states
+    lib = FeatureLibrary(["q", "p", "q^2", "p^2", "q*p"], variables=["q", "p"])
+    with pytest.raises(ValueError, match=r"negative.*\(n, T, \*state\).*\(40, 32, 2\)"):
+        fit_conserved(lib, swapped, progress=False)
+    assert fit_conserved(lib, train, progress=False).ratios[0] > -0.05  # the right axes fit
+
+
+def test_a_lag_shorter_than_the_window_only_warns() -> None:
+    """With lag < window the frame-sharing exploit is expected (and asked for): a warning."""
+
+    class Difference(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, s: Tensor) -> Tensor:
+            return self.w * (s[:, 0] - s[:, 1])
+
+    torch.manual_seed(0)
+    noise = torch.randn(16, 30, 1)
+    with pytest.warns(UserWarning, match=r"negative.*lag=1 < window=2"):
+        fit = fit_conserved(Difference(), noise, window=2, lag=1, steps=2, progress=False)
+    assert fit.ratios[0] < -0.4
+    honest = fit_conserved(Difference(), noise, window=2, steps=2, progress=False)
+    assert abs(honest.ratios[0]) < 0.1
+
+
+def test_non_finite_states_are_named_not_called_constant() -> None:
+    train, _ = _oscillator(8, seed=0)
+    train[3, 7, 0] = float("nan")
+    train[3, 9, 1] = float("inf")
+    train[5, 2, 0] = float("nan")
+    pattern = r"`trajectories` holds 3 non-finite.*2 in trajectory 3 \(first at time step 7\)"
+    with pytest.raises(ValueError, match=pattern + r".*1 in trajectory 5"):
+        fit_conserved(MLPEmbedding(2), train, steps=5, progress=False)
+    with pytest.raises(ValueError, match=pattern):
+        fit_conserved(MLPEmbedding(2), list(train.unbind(0)), steps=5, progress=False)
+    with pytest.raises(ValueError, match=pattern):
+        conservation_loss(MLPEmbedding(2), train)  # the regulariser says so too
+
+
+def test_a_dtype_mismatch_says_both_dtypes_and_the_fix() -> None:
+    train = _oscillator(8, seed=0)[0].double()
+    fix = r"torch\.float64.*torch\.float32.*trajectories\.float\(\).*embedding\.double\(\)"
+    with pytest.raises(ValueError, match=fix):
+        fit_conserved(MLPEmbedding(2), train, steps=5, progress=False)
+    with pytest.raises(ValueError, match=fix):
+        conservation_loss(MLPEmbedding(2), train)
+    fit = fit_conserved(MLPEmbedding(2).double(), train, steps=5, progress=False)
+    assert len(fit.ratios) == 1
+    lib = FeatureLibrary(["q^2", "p^2"], variables=["q", "p"], trainable=True)
+    assert fit_conserved(lib, train, progress=False).ratios[0] < 0.05  # casts by design
+
+
+def test_default_steps_stop_on_convergence_and_keep_the_best_held_out_state() -> None:
+    torch.manual_seed(0)
+    train, _ = _oscillator(16, seed=0)
+    g = MLPEmbedding(2, hidden=16)
+    fit = fit_conserved(
+        g, train, lr=3e-3, eval_every=25, patience=3, standardize=False, progress=False
+    )
+    assert fit.held_out is not None and 0 < fit.steps < 20_000
+    assert fit.steps == len(fit.losses) == 25 * len(fit.held_out)
+    best = min(range(len(fit.held_out)), key=fit.held_out.__getitem__)
+    assert fit.best_step == 25 * (best + 1) and fit.ratios[0] < 0.05
+    # the held-out share: the first max(2, round(0.2 n)) of randperm(n) under `seed`
+    held = torch.randperm(16, generator=torch.Generator().manual_seed(0))[:3].sort().values
+    with torch.no_grad():
+        restored = float(conservation_loss(fit.embedding, train[held]))
+    assert restored == pytest.approx(fit.held_out[best], rel=1e-5, abs=1e-7)
+    g2 = MLPEmbedding(2, hidden=16)
+    capped = fit_conserved(g2, train, lr=3e-3, eval_every=25, max_steps=60, progress=False)
+    assert capped.steps == 60 and capped.held_out is not None and len(capped.held_out) == 3
+    embedding, ratios, losses, seconds, *_ = capped  # the first four fields keep their order
+    assert losses == capped.losses and seconds > 0
+    fixed = fit_conserved(MLPEmbedding(2), train, steps=7, progress=False)
+    assert (fixed.steps, fixed.best_step, fixed.held_out) == (7, 7, None)
+    for name, value in (("eval_every", 0), ("patience", -1), ("max_steps", 0), ("tol", 0.0)):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            fit_conserved(MLPEmbedding(2), train, progress=False, **{name: value})
+    with pytest.raises(ValueError, match="`holdout`"):
+        fit_conserved(MLPEmbedding(2), train, holdout=1.0, progress=False)
+
+
+def test_the_closed_form_and_the_objective_share_one_scatter() -> None:
+    """FeatureLibrary.fit_conserved and conservation_ratios build S and W the same way: the
+    library's ratio is the objective of the fitted library."""
+    train, _ = _pendulum(12, seed=0)
+    trajs = train.double()
+    lib = FeatureLibrary(["q", "p", "q^2", "p^2", "cos(q)"], variables=["q", "p"])
+    lib.fit_conserved(trajs, lag=1)
+    objective = float(conservation_ratios(lib, trajs, lag=1)[0])
+    assert lib.conservation_ratio == pytest.approx(objective, rel=1e-4, abs=1e-6)
