@@ -4,7 +4,7 @@
 
 Every rank takes its slice of each batch. With ``per_sample=True`` every sequence is tailored on
 its own, so the averaged gradient of the two slices equals the gradient of the whole batch in one
-process (DESIGN rule 8): ``--save PATH`` writes rank 0's final parameters for a check.
+process (rule 8 in docs/index.md): ``--save PATH`` writes rank 0's final parameters for a check.
 
 Nothing special is needed for the second-order inner steps: they use ``torch.autograd.grad`` /
 ``torch.func.grad`` inside ``forward``, which never fire DDP's gradient hooks; every parameter

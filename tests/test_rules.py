@@ -1,4 +1,4 @@
-"""The rules the wrapper keeps (docs/index.md, "Rules the wrapper keeps"), one test (or a small group) each."""
+"""The rules the wrapper keeps (docs/index.md), one test (or a small group) each."""
 
 from __future__ import annotations
 
