@@ -276,6 +276,11 @@ def _path_error(call: Call, path: str, error: RuntimeError) -> ValueError:
             f"the first rollout (inner_steps={call.steps}): {error}. Check that the inputs fit "
             "the model."
         )
+    try:  # the whole batch runs: is its output one the Noether loss can read?
+        with torch.no_grad():
+            call.noether_loss(output)
+    except (ValueError, TypeError) as unreadable:
+        return ValueError(str(unreadable))
     text = str(error)
     if "does not require grad" in text or "not have been used in the graph" in text:
         with torch.enable_grad():

@@ -110,3 +110,85 @@ def tailor_affine_reference(
             scale, shift = scale - lr * gs, shift - lr * gt
         outs.append(torch.stack(roll(scale, shift)))
     return torch.stack(outs)
+
+
+def gru_cell(params: list[Tensor], x: Tensor, h: Tensor) -> Tensor:
+    """One step of a one-layer GRU, written out (torch's gate order r, z, n):
+    ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z = σ(…)``, ``n = tanh(W_in x + b_in + r (W_hn h
+    + b_hn))``, ``h' = (1 - z) n + z h``; ``params = [w_ih, w_hh, b_ih, b_hh]``."""
+    w_ih, w_hh, b_ih, b_hh = params
+    xr, xz, xn = (w_ih @ x + b_ih).chunk(3)
+    hr, hz, hn = (w_hh @ h + b_hh).chunk(3)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h
+
+
+def lstm_cell(
+    params: list[Tensor], x: Tensor, state: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """One step of a one-layer LSTM, written out (torch's gate order i, f, g, o):
+    ``c' = f c + i g``, ``h' = o tanh(c')``; returns ``(h', c')``."""
+    w_ih, w_hh, b_ih, b_hh = params
+    h, c = state
+    i, f, g, o = (w_ih @ x + b_ih + w_hh @ h + b_hh).chunk(4)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def seq2seq_affine_reference(
+    cell: str,
+    encoder: list[Tensor],
+    decoder: list[Tensor],
+    head: list[Tensor],
+    emb: list[Tensor],
+    log_lr: Tensor,
+    frames: Tensor,
+    *,
+    horizon: int,
+    steps: int,
+) -> Tensor:
+    """Per-sequence tailoring of a scale and shift on a recurrent decoder's output, anchor loss,
+    in a plain loop: ``(batch, horizon, d)``, differentiable in every argument.
+
+    The model: an encoder RNN (``cell`` ``"gru"`` or ``"lstm"``, zero initial state) reads the
+    frames ``(batch, r, d)``; from the last frame ``x`` a decoder RNN of the same kind steps
+    ``horizon`` times, ``o, state = decoder(x, state)``, ``x = x + W_head ((1 + scale) o +
+    shift) + b_head``, each new ``x`` a prediction. The affine scales the decoder's output only,
+    not the state it passes on. The anchor is the last frame; ``emb`` is :func:`mlp`'s."""
+    lr = log_lr.exp()
+    width = decoder[1].shape[1]  # w_hh: (gates * H, H)
+    w_head, b_head = head
+
+    def step(params: list[Tensor], x: Tensor, state: object) -> tuple[Tensor, object]:
+        if cell == "gru":
+            h = gru_cell(params, x, state)  # type: ignore[arg-type]
+            return h, h
+        h, c = lstm_cell(params, x, state)  # type: ignore[arg-type]
+        return h, (h, c)
+
+    outs = []
+    for b in range(frames.shape[0]):
+        zero = frames.new_zeros(width)
+        state: object = zero if cell == "gru" else (zero, zero)
+        for frame in frames[b]:
+            _, state = step(encoder, frame, state)
+        encoded = state
+
+        def roll(s: Tensor, t: Tensor, b: int = b, encoded: object = encoded) -> list[Tensor]:
+            states, x, memory = [], frames[b, -1], encoded
+            for _ in range(horizon):
+                out, memory = step(decoder, x, memory)
+                x = x + w_head @ ((1 + s) * out + t) + b_head
+                states.append(x)
+            return states
+
+        scale = frames.new_zeros(width, requires_grad=True)
+        shift = frames.new_zeros(width, requires_grad=True)
+        for _ in range(steps):
+            loss = sequence_loss(emb, frames[b, -1], roll(scale, shift), "anchor")
+            gs, gt = torch.autograd.grad(loss, (scale, shift), create_graph=True)
+            scale, shift = scale - lr * gs, shift - lr * gt
+        outs.append(torch.stack(roll(scale, shift)))
+    return torch.stack(outs)

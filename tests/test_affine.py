@@ -12,7 +12,7 @@ from noether_wrap import Affine, NoetherWrapper
 from noether_wrap.embeddings import MLPEmbedding
 
 from conftest import gradcheck_weight_and_step, make_net
-from reference import tailor_affine_reference
+from reference import seq2seq_affine_reference, tailor_affine_reference
 
 
 def _net(**kwargs: object) -> NoetherWrapper:
@@ -36,10 +36,11 @@ def test_affine_matches_a_per_sequence_loop_reference_in_value_and_gradient() ->
     assert max(float((a - b).abs().max()) for a, b in zip(g_ours, g_ref)) < 1e-10
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_affine_gradcheck(per_sample: bool) -> None:
+def test_affine_gradcheck(per_sample: bool, k: int) -> None:
     net = make_net(
-        horizon=3, inner_steps=2, inner_lr=0.3, adapt=Affine("step.0"), per_sample=per_sample
+        horizon=3, inner_steps=k, inner_lr=0.3, adapt=Affine("step.0"), per_sample=per_sample
     )
     assert gradcheck_weight_and_step(net, torch.randn(3, 2, dtype=torch.float64))
 
@@ -82,12 +83,40 @@ def test_affine_first_order_keep_if_better_and_clipping() -> None:
     first(x).sum().backward()
     assert first.log_inner_lr.grad is not None
     assert all(p.grad is None for p in first.embedding.parameters())
-    keep = _net(keep_if_better=True)
-    info = keep(x, return_info=True)
+    # keep_if_better: a step large enough that it raises some sequences' Noether losses
+    torch.manual_seed(0)
+    wide = 2 * torch.randn(8, 2, dtype=torch.float64)
+    keep = make_net(
+        horizon=4, inner_steps=1, inner_lr=50.0, adapt=Affine("step.0"), keep_if_better=True
+    )
+    info = keep(wide, return_info=True)
     worse = info.noether_losses[:, -1] >= info.noether_losses[:, 0]
-    torch.testing.assert_close(info.prediction[worse], info.initial_prediction[worse])
-    clipped = _net(max_inner_grad_norm=1e-6)
-    torch.testing.assert_close(clipped(x), clipped.model(x), rtol=0, atol=1e-5)
+    assert bool(worse.any()) and bool((~worse).any()), info.noether_losses
+    assert torch.equal(info.prediction[worse], info.initial_prediction[worse])
+    assert torch.equal(info.prediction[worse], keep.model(wide)[worse])
+    tailored = info.prediction[~worse] != info.initial_prediction[~worse]
+    assert bool(tailored.flatten(1).any(1).all())  # the better ones keep their tailoring
+    # clipping: every inner step on a sequence's affines has norm exactly lr * max_norm
+    for steps in (1, 3):
+        clipped = make_net(
+            horizon=4,
+            inner_steps=steps,
+            inner_lr=0.2,
+            adapt=Affine("step.0"),
+            max_inner_grad_norm=1e-6,
+        )
+        affines = clipped.tailor(x)
+        norms = torch.cat([v.detach().flatten(1) for v in affines.values()], 1).norm(dim=1)
+        one_step = float(clipped.log_inner_lr.detach().exp()) * 1e-6
+        if steps == 1:  # from identity (zeros): the affines are the one clipped step
+            torch.testing.assert_close(norms, torch.full_like(norms, one_step), rtol=1e-12, atol=0)
+        else:  # three clipped steps add up to at most three times one
+            assert bool((norms <= steps * one_step * (1 + 1e-12)).all()), norms
+            assert bool((norms > one_step).all()), norms
+        free = make_net(horizon=4, inner_steps=steps, inner_lr=0.2, adapt=Affine("step.0"))
+        free.load_state_dict(clipped.state_dict())
+        free_norms = torch.cat([v.detach().flatten(1) for v in free.tailor(x).values()], 1)
+        assert bool((free_norms.norm(dim=1) > 1e3 * steps * one_step).all())  # clip was active
 
 
 def test_tailor_and_tailored_model_give_the_affines_and_a_model_that_reproduces_them() -> None:
@@ -195,3 +224,54 @@ def test_sequence_models_tailor_per_sample_with_affine_exactly(make, pattern: st
             continue
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     assert not torch.allclose(out, model(frames))
+
+
+def _rnn_params(rnn: nn.Module) -> list[torch.Tensor]:
+    return [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_recurrent_affine_matches_an_independent_hand_written_loop(cell: str, steps: int) -> None:
+    """The library on an RNN encoder-decoder against :func:`seq2seq_affine_reference`: the
+    recurrences written out by hand, one sequence at a time, explicit autograd steps on the
+    decoder output's scale and shift (not the library run one sequence at a time)."""
+    torch.manual_seed(0)
+    model = _Seq2Seq(nn.GRU if cell == "gru" else nn.LSTM).double()
+    emb = MLPEmbedding(2, out_features=2, hidden=8, depth=1).double()
+    net = NoetherWrapper(
+        model, emb, inner_steps=steps, inner_lr=0.3, adapt=Affine("decoder"), per_sample=True
+    )
+    frames = torch.randn(4, 6, 2, dtype=torch.float64)
+    ours = net(frames)
+    assert net.last_path == "affine"
+    model_params = [
+        *_rnn_params(model.encoder),
+        *_rnn_params(model.decoder),
+        model.head.weight,
+        model.head.bias,
+    ]
+    emb_params = [emb.net[0].weight, emb.net[0].bias, emb.net[2].weight, emb.net[2].bias]
+    assert len(model_params) + len(emb_params) + 1 == len(list(net.parameters()))
+    ref = seq2seq_affine_reference(
+        cell,
+        model_params[:4],
+        model_params[4:8],
+        model_params[8:],
+        emb_params,
+        net.log_inner_lr,
+        frames,
+        horizon=5,
+        steps=steps,
+    )
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-10)
+    untailored = model(frames)
+    assert float((ours - untailored).detach().abs().max()) > 1e-3  # the steps changed it
+    target = torch.randn_like(ours)
+    params = [*model_params, *emb_params, net.log_inner_lr]
+    g_ours = torch.autograd.grad(((ours - target) ** 2).mean(), params)
+    g_ref = torch.autograd.grad(((ref - target) ** 2).mean(), params)
+    for p, a, b in zip(params, g_ours, g_ref):
+        if p is not emb_params[-1]:  # g's output bias cancels in g(x0) - g(x_t)
+            assert float(b.abs().max()) > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

@@ -73,12 +73,19 @@ def test_backtracking_at_a_sensible_step_changes_nothing() -> None:
     torch.testing.assert_close(safe(x), info.prediction, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_gradcheck_through_a_safeguarded_step(per_sample: bool) -> None:
+def test_gradcheck_through_a_safeguarded_step(per_sample: bool, k: int) -> None:
     net = make_net(
-        horizon=3, inner_steps=2, inner_lr=5.0, step_control="backtrack", per_sample=per_sample
+        horizon=3, inner_steps=k, inner_lr=5.0, step_control="backtrack", per_sample=per_sample
     )
-    assert gradcheck_weight_and_step(net, torch.randn(3, 2, dtype=torch.float64))
+    x = torch.randn(3, 2, dtype=torch.float64)
+    plain = make_net(horizon=3, inner_steps=k, inner_lr=5.0, per_sample=per_sample)
+    plain.load_state_dict(net.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert not torch.allclose(net(x), plain(x))  # some step was shortened
+    assert gradcheck_weight_and_step(net, x)
 
 
 def test_backtracking_keeps_batch_invariance() -> None:

@@ -3,8 +3,10 @@ never a crash deep inside torch, never a changed parameter."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -25,6 +27,24 @@ def _net(per_sample: bool, path: str) -> NoetherWrapper:
         per_sample=per_sample,
         per_sample_path=path,
     )
+
+
+def _named_argument(x: torch.Tensor) -> str | None:
+    """The argument a wrapper error on ``x`` must name, or None where ``x`` is well formed.
+
+    ``inputs`` itself: no batch, an empty axis, not float32 on the CPU like the model; the
+    ``model``: it cannot read a state whose last axis is not its 3 features, and on a 1-D
+    input its output has no time axis; the embedding (MLPEmbedding over 3 features, whose
+    argument is ``states``): a state of more than 3 values."""
+    if x.dim() == 0 or x.numel() == 0:
+        return "`inputs`"
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return "`inputs`"
+    if x.dim() == 1 or x.shape[-1] != 3:
+        return "`model`"
+    if math.prod(x.shape[1:]) != 3:
+        return "`states`"
+    return None
 
 
 @st.composite
@@ -72,8 +92,13 @@ def test_wrapper_on_malformed_inputs(
             else:
                 out = net(x)
     except (ValueError, TypeError) as error:
-        assert "`" in str(error), str(error)  # names the argument
+        named = _named_argument(x)
+        assert named is not None, f"well-formed {tuple(x.shape)} rejected: {error}"
+        assert named in str(error), (named, str(error))  # names the argument at fault
+        if named == "`states`":
+            assert "MLPEmbedding" in str(error), str(error)
     else:
+        assert _named_argument(x) is None, f"{tuple(x.shape)} {x.dtype} {x.device} accepted"
         # a state of any shape whose last axis has the 3 features the model reads: (batch, 3),
         # or e.g. (batch, 1, 3), which the rollout keeps as the state shape (1, 3)
         good = x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2
@@ -94,12 +119,20 @@ def test_wrapper_on_malformed_inputs(
 @given(x=malformed(), horizon=st.integers(-1, 3))
 def test_rollout_and_loss_on_malformed_inputs(x: torch.Tensor, horizon: int) -> None:
     step = torch.nn.Linear(3, 3)
+    stage = "horizon"
     try:
         model = Rollout(step, horizon)
+        stage = "call"
         preds = model(x)
+        stage = "loss"
         noether_loss(x, preds, lambda s: s.sum(-1))
     except (ValueError, TypeError) as error:
-        assert "`" in str(error), str(error)
+        # Rollout(step, horizon) rejects a horizon below 1; the loss's embedding ``s.sum(-1)``
+        # maps (N, *state) to (N, m) or (N,) only for a state of one or two axes
+        named = {"horizon": "`horizon`", "call": "`x0`", "loss": "`embedding`"}[stage]
+        assert named in str(error), (stage, str(error))
+        if stage == "loss":
+            assert x.dim() == 1 or x.dim() >= 4, (tuple(x.shape), str(error))
     except RuntimeError:
         # a plain Rollout is the user's model: torch's own error for a wrong input size is
         # what they expect there; the wrapper is the one that must name the argument
@@ -110,3 +143,16 @@ def test_rollout_and_loss_on_malformed_inputs(x: torch.Tensor, horizon: int) -> 
             and x.shape[-1] == 3
             and horizon >= 1
         )
+    else:
+        assert horizon >= 1  # a horizon below 1 never gets as far as a prediction
+
+
+@pytest.mark.parametrize("path", ["auto", "vmap"])
+def test_one_dimensional_inputs_name_the_model_output_on_the_per_sample_path(path: str) -> None:
+    """(3,) inputs: the model maps the whole vector to one state, so its output (3, 3) has no
+    time axis; the shared step says so, and the per-sample path must say the same."""
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match="`model` output must have a time axis"):
+        _net(False, path)(x)
+    with pytest.raises(ValueError, match="`model` output must have a time axis"):
+        _net(True, path)(x)

@@ -122,7 +122,15 @@ def test_plain_call_and_return_info_agree_when_the_final_loss_overflows(
     with pytest.warns(RuntimeWarning, match="non-finite"):
         info = net(x, return_info=True)
     torch.testing.assert_close(plain, info.prediction, rtol=0, atol=0)
-    assert float(plain.abs().max()) < 1e3  # the blown-up sequences got their untailored values
+    # the blown-up sequences got exactly their untailored values
+    blown = ~torch.isfinite(info.noether_losses).all(dim=1)
+    assert bool(blown.any()), info.noether_losses
+    untailored = net(x, inner_steps=0)
+    assert torch.equal(info.initial_prediction, untailored)
+    assert torch.equal(plain[blown], untailored[blown])
+    assert torch.equal(info.prediction[blown], untailored[blown])
+    if per_sample and not bool(blown.all()):  # the rest kept their own tailored predictions
+        assert not torch.equal(plain[~blown], untailored[~blown])
 
 
 def test_a_finite_blow_up_warns() -> None:
