@@ -7,14 +7,19 @@ field from x); one SGD step on the field's weights gives the tailored field f~(x
 rollout evaluates wherever it needs the field. Every step size is chosen by ``tune_inner_lr`` on
 a validation split of the TRAINING trajectories (the 5 with the highest observed start energy:
 rollouts from their noisy starts against their noisy states), per row and seed, and the
-``selected`` row is the Noether row with the lowest validation error. The vanilla field is
-trained on all 25 (the paper's protocol); the learned g, the control's extra steps and every
-meta-training run use only the other 20, so validation scores what each row adds out of sample
-(the formula, a few weights in closed form, is fitted on all 25); the test trajectories only
-score. Rows: vanilla, control (vanilla trained as many more steps as the meta rows, no
-tailoring), testtime_{oracle,formula,learned}, meta_{oracle,formula,learned} (+ _untailored),
-meta_learned_frozen (g and the step meta-trained, field frozen), projection_{oracle,formula}
-(the expert's baseline: project each RK4 step onto the level set g(x) = g(x0)).
+``selected`` row is the row with the lowest validation error, vanilla included (the untailored
+field scored on the same trajectories), so tailoring is recommended only where it beats the plain
+model on validation. Test-time rows come in both step rules: ``testtime_*`` (a fixed step) and
+``polyak_*`` (the scale-free Polyak fraction). Nothing validation scores
+is fitted on the validation trajectories: the vanilla field, the formula, the learned g, the
+oracle's normalisation, the control's extra steps and every meta-training run use only the other
+20 (``--vanilla-data all`` trains vanilla on all 25 as the paper does, and says in the JSON that
+its validation scores are then in-sample for vanilla and every row built on it); the test
+trajectories only score. Rows: vanilla, control (vanilla trained as many more steps as the meta
+rows, no tailoring), testtime_{oracle,formula,learned}, meta_{oracle,formula,learned}
+(+ _untailored), meta_learned_frozen (g and the step meta-trained, field frozen),
+projection_{oracle,formula} (the expert's baseline: project each RK4 step onto the level set
+g(x) = g(x0)).
 """
 
 from __future__ import annotations
@@ -92,7 +97,8 @@ class Data:
 
     @property
     def fit(self) -> Tensor:
-        """The other 20 training trajectories: what the learned embedding is fitted on."""
+        """The other 20 training trajectories: what everything validation scores is fitted on
+        (the field, the formula, the learned g, the oracle's normalisation)."""
         keep = ~torch.isin(self.train, self.validation)
         return self.train[keep]
 
@@ -195,19 +201,26 @@ def per_sequence_mse(pred: Tensor, truth: Tensor) -> np.ndarray:
     return ((pred - truth) ** 2).mean(dim=(1, 2)).double().numpy()
 
 
-def tune(net: NoetherWrapper, data: Data, steps: int = 1) -> tuple[float, float]:
+def tune(
+    net: NoetherWrapper, data: Data, steps: int = 1, out: dict[str, Any] | None = None
+) -> tuple[float, float, float]:
     """``tune_inner_lr`` on the validation trajectories (training data): noisy starts, noisy
-    states; returns the chosen step and its validation MSE."""
+    states; returns the chosen step (0.0: tailoring switched off), its validation MSE and the
+    best candidate step (:func:`protocol.tuned_step`). The grid is the rule's: fixed steps, or
+    Polyak fractions. ``out``: where a test-time row records the untailored (vanilla) validation
+    MSE, so that vanilla is a candidate for ``selected`` too."""
     train = data.noisy[data.validation]
     net.inner_steps = steps
     result = tune_inner_lr(
         net,
         train[:, 0],
         train[:, 1:],
-        candidates=CANDIDATES,
+        candidates=CANDIDATES if net.step_rule == "fixed" else None,
         forward=lambda n, x: rollout(n, x, data),
     )
-    return result.best, result.losses[result.best]
+    if out is not None:
+        out["val"].setdefault("vanilla", float(result.untailored))
+    return protocol.tuned_step(result)
 
 
 def projected(field: nn.Module, g: nn.Module, starts: Tensor, data: Data) -> Tensor:
@@ -239,19 +252,22 @@ class Settings:
     #: A fixed step for the k-curves instead of the tuned one (to show the safeguard at a step
     #: the rule would not choose); None: the step tuned for k = 1.
     curve_step: float | None = None
+    #: What vanilla is trained on: "fit" (the 20 non-validation training trajectories, so that
+    #: validation is out of sample for every row) or "all" (the 25, the paper's protocol).
+    vanilla_data: str = "fit"
 
 
 def embeddings_for(data: Data, cfg: Settings) -> tuple[dict[str, nn.Module], FeatureLibrary, float]:
     """The three g's, standardised on the noisy training trajectories; the raw library (for its
     formula) and the learned g's |r| before fitting.
 
-    The formula is fitted on all 25 training trajectories (7 weights in closed form: scoring it
-    on the 5 validation ones it has seen favours it little); the network only on the 20 others,
-    so that its validation error is out of sample."""
+    Every g (the formula's weights, the network, the oracle's normalisation) is fitted on the 20
+    non-validation training trajectories only: validation scores the rows these g's tailor, so
+    fitting on the validation trajectories would make that score in-sample."""
     system = data.system
     library = FeatureLibrary(list(system.terms), variables=["q", "p"])
-    formula = fit_conserved(library, data.noisy[data.train], progress=False).embedding
     train = data.noisy[data.fit]
+    formula = fit_conserved(library, train, progress=False).embedding
     torch.manual_seed(0)
     mlp = MLPEmbedding(2, hidden=64)
     states = data.clean[data.test].reshape(-1, 2)
@@ -264,15 +280,24 @@ def embeddings_for(data: Data, cfg: Settings) -> tuple[dict[str, nn.Module], Fea
 
 def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> dict[str, Any]:
     """Every row for one model seed: per-sequence test MSEs, chosen steps, validation errors."""
-    # vanilla on all 25 training trajectories (the paper's protocol); everything trained on top
-    # of it (control, meta rows) on the 20 fit trajectories only, so that the validation
-    # trajectories score each row's additions out of sample
-    x = data.noisy[data.train].reshape(-1, 2)
-    target = data.system.field(data.clean[data.train].reshape(-1, 2))
+    # vanilla on the 20 fit trajectories (or, --vanilla-data all, the paper's 25); everything
+    # trained on top of it (control, meta rows) on the 20 fit trajectories only, so that the
+    # validation trajectories score each row out of sample
+    vanilla_idx = data.fit if cfg.vanilla_data == "fit" else data.train
+    x = data.noisy[vanilla_idx].reshape(-1, 2)
+    target = data.system.field(data.clean[vanilla_idx].reshape(-1, 2))
     x_fit = data.noisy[data.fit].reshape(-1, 2)
     target_fit = data.system.field(data.clean[data.fit].reshape(-1, 2))
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
-    out: dict[str, Any] = {"err": {}, "pred": {}, "lr": {}, "val": {}, "seconds": {}, "g": {}}
+    out: dict[str, Any] = {
+        "err": {},
+        "pred": {},
+        "lr": {},
+        "start": {},
+        "val": {},
+        "seconds": {},
+        "g": {},
+    }
 
     def score(row: str, pred: Tensor) -> None:
         out["pred"][row] = pred
@@ -297,13 +322,18 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
 
     for name in EMBEDDINGS:
         net = tailored_field(vanilla, gs[name], data.dt, 0.1)
-        lr, val = tune(net, data)
         row = f"testtime_{name}"
-        out["lr"][row], out["val"][row] = lr, val
+        out["lr"][row], out["val"][row], out["start"][row] = tune(net, data, out=out)
         score(row, rollout(net, starts, data))
+        polyak = tailored_field(vanilla, gs[name], data.dt, 1.0)
+        polyak.step_rule = "polyak"  # scale-free: γ, the fraction of the loss a step removes
+        prow = f"polyak_{name}"
+        out["lr"][prow], out["val"][prow], out["start"][prow] = tune(polyak, data, out=out)
+        score(prow, rollout(polyak, starts, data))
         if cfg.test_steps and name == "oracle":
             for control in ("none", "backtrack"):
-                step = lr if cfg.curve_step is None else cfg.curve_step
+                # the best candidate for k = 1 (even where tuning switched tailoring off)
+                step = out["start"][row] if cfg.curve_step is None else cfg.curve_step
                 curve_net = tailored_field(vanilla, gs[name], data.dt, step)
                 curve_net.step_control = control
                 out.setdefault("curve", {})[f"oracle_{control}"] = test_time_curve(
@@ -317,7 +347,7 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
         g = copy.deepcopy(gs[name])
         if name != "learned":
             g.requires_grad_(False)
-        net = tailored_field(copy.deepcopy(vanilla), g, data.dt, out["lr"][f"testtime_{name}"])
+        net = tailored_field(copy.deepcopy(vanilla), g, data.dt, out["start"][f"testtime_{name}"])
         out["seconds"][row] = fit(
             net.parameters(),
             lambda net=net: net(x_fit),
@@ -325,14 +355,14 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
             cfg.meta_steps,
             f"seed {seed} {row}",
         )
-        out["lr"][row], out["val"][row] = tune(net, data)
+        out["lr"][row], out["val"][row], out["start"][row] = tune(net, data)
         score(row, rollout(net, starts, data))
         score(f"{row}_untailored", rollout(net.model.step, starts, data))
         if name == "learned":
             out["g"][row] = net.embedding
     row = "meta_learned_frozen"  # g and the step only; the field stays vanilla
     net = tailored_field(
-        vanilla, copy.deepcopy(gs["learned"]), data.dt, out["lr"]["testtime_learned"], learn=True
+        vanilla, copy.deepcopy(gs["learned"]), data.dt, out["start"]["testtime_learned"], learn=True
     )
     out["seconds"][row] = fit(
         list(net.tailoring_parameters()),
@@ -341,7 +371,7 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
         cfg.meta_steps,
         f"seed {seed} {row}",
     )
-    out["lr"][row], out["val"][row] = tune(net, data)
+    out["lr"][row], out["val"][row], out["start"][row] = tune(net, data)
     score(row, rollout(net, starts, data))
     out["g"][row] = net.embedding
     return out
@@ -406,11 +436,19 @@ def main(system: System, doc: str) -> None:
         default=None,
         help="a fixed step for the --test-steps curves (default: the step tuned for k = 1)",
     )
+    parser.add_argument(
+        "--vanilla-data",
+        choices=["fit", "all"],
+        default="fit",
+        help="vanilla's training trajectories: the 20 non-validation ones (default: validation "
+        "out of sample) or all 25 (the paper's; validation in-sample for vanilla)",
+    )
+    protocol.add_threads_argument(parser)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
+    protocol.set_threads(args.threads)
     start = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
     seeds = list(range(args.seed, args.seed + n_seeds))
     data_seeds = list(range(args.data_seed, args.data_seed + args.data_seeds))
@@ -421,6 +459,7 @@ def main(system: System, doc: str) -> None:
         meta=not args.no_meta,
         test_steps=[int(k) for k in args.test_steps.split(",") if k],
         curve_step=args.curve_step,
+        vanilla_data=args.vanilla_data,
     )
     runs: list[dict[str, Any]] = []
     formulas: list[dict[str, float]] = []
@@ -440,6 +479,7 @@ def main(system: System, doc: str) -> None:
         for seed in seeds:
             run = run_seed(seed, data, gs, cfg)
             run["data"] = data
+            run["data_seed"] = data_seed
             for row, g in run["g"].items():
                 embed_rows.setdefault(row, []).append(embedding_metrics(g, data, r_init))
             runs.append(run)
@@ -461,7 +501,8 @@ def summarise(
     seeds: list[int],
     start: float,
 ) -> dict[str, Any]:
-    """The protocol's JSON: every (data seed, model seed) run is one 'seed' of the errors."""
+    """The protocol's JSON; the runs' errors nested by data seed (each draws its own
+    trajectories), then model seed."""
     energy = system.energy
     names = list(runs[0]["err"])
     extras: dict[str, dict[str, Any]] = {}
@@ -469,7 +510,9 @@ def summarise(
         inside, outside, drift = [], [], []
         for r in runs:
             data: Data = r["data"]
-            train_e = energy(data.clean[data.train, 0])
+            # the training range: the energies of the trajectories vanilla was trained on
+            trained = data.fit if args.vanilla_data == "fit" else data.train
+            train_e = energy(data.clean[trained, 0])
             test_e = energy(data.clean[data.test, 0])
             mask = ((test_e >= train_e.min()) & (test_e <= train_e.max())).numpy()
             inside.append((r["err"][row][mask], r["err"]["vanilla"][mask]))
@@ -501,6 +544,10 @@ def summarise(
         "metric": f"rollout RMSE over {system.points - 1} RK4 steps from the clean test starts, "
         "against the clean truth",
         "sampler": args.sampler,
+        "vanilla_data": "the 20 non-validation training trajectories"
+        if args.vanilla_data == "fit"
+        else "all 25 training trajectories (the paper's): validation in-sample for vanilla",
+        "threads": args.threads,
         "inner_lr": inner_lr,
         "selected": selected,
         "rows": rows,
@@ -510,6 +557,18 @@ def summarise(
     }
     if "curve" in runs[0]:
         report["test_steps"] = curve_summary(runs)
+        report["raw_test_steps"] = {
+            name: {
+                k: protocol.nested_errors(
+                    [
+                        {"err": {"e": r["curve"][name][k]["err"]}, "data_seed": r["data_seed"]}
+                        for r in runs
+                    ]
+                )["e"].tolist()
+                for k in runs[0]["curve"][name]
+            }
+            for name in runs[0]["curve"]
+        }
     return report
 
 
@@ -517,27 +576,38 @@ def curve_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per curve and k: the protocol's ratio (and interval) to vanilla, the validation error,
     the seconds for the 25 test rollouts; and the k the validation error picks, with its test
     ratio to k = 1 and that ratio's interval."""
-    base = np.stack([r["err"]["vanilla"] for r in runs])
+
+    def nest(get: Callable[[dict[str, Any]], np.ndarray]) -> np.ndarray:
+        """``(data seeds, model seeds, sequences)``, for the nested bootstrap."""
+        return protocol.nested_errors(
+            [{"err": {"e": get(r)}, "data_seed": r.get("data_seed")} for r in runs]
+        )["e"]
+
+    def interval(a: np.ndarray, b: np.ndarray) -> list[float] | None:
+        ci = protocol.bootstrap_ratio(a, b)
+        return None if ci is None else list(ci)
+
+    base = nest(lambda r: r["err"]["vanilla"])
     out: dict[str, Any] = {}
     for name in runs[0]["curve"]:
         out[name] = {}
         for k in runs[0]["curve"][name]:
-            err = np.stack([r["curve"][name][k]["err"] for r in runs])
+            err = nest(lambda r, name=name, k=k: r["curve"][name][k]["err"])
             out[name][k] = {
                 "ratio": protocol.rmse(err) / protocol.rmse(base),
-                "ratio_ci": list(protocol.bootstrap_ratio(err, base)),
+                "ratio_ci": interval(err, base),
                 "median_ratio": float(np.median(np.sqrt(err / base))),
                 "validation_error": statistics.fmean(r["curve"][name][k]["val"] for r in runs),
                 "seconds": statistics.fmean(r["curve"][name][k]["seconds"] for r in runs),
             }
         best = min(out[name], key=lambda k: out[name][k]["validation_error"])
         first = min(out[name], key=int)
-        err_best = np.stack([r["curve"][name][best]["err"] for r in runs])
-        err_first = np.stack([r["curve"][name][first]["err"] for r in runs])
+        err_best = nest(lambda r, name=name, best=best: r["curve"][name][best]["err"])
+        err_first = nest(lambda r, name=name, first=first: r["curve"][name][first]["err"])
         out[name]["best_k"] = {
             "k": int(best),
             "ratio_to_k1": protocol.rmse(err_best) / protocol.rmse(err_first),
-            "ratio_to_k1_ci": list(protocol.bootstrap_ratio(err_best, err_first)),
+            "ratio_to_k1_ci": interval(err_best, err_first),
         }
     return out
 
@@ -557,8 +627,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     title = (
         f"{report['example']} ({report['sampler']} sampler), data seeds {report['data_seeds']}, "
         f"model seeds "
-        f"{report['seeds']}: {report['metric']}; ratios to vanilla, 95% bootstrap over seeds "
-        f"and test trajectories"
+        f"{report['seeds']}: {report['metric']}; ratios to vanilla, 95% nested bootstrap "
+        f"(data seeds, model seeds, test trajectories)"
     )
     protocol.print_table(
         title,
@@ -596,14 +666,14 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
             best = curve["best_k"]
             print(
                 f"  {name}: validation picks k = {best['k']}: test RMSE {best['ratio_to_k1']:.3f}x "
-                f"k = 1's [{best['ratio_to_k1_ci'][0]:.3f}, {best['ratio_to_k1_ci'][1]:.3f}]"
+                f"k = 1's {protocol.format_ci(best['ratio_to_k1_ci'])}"
             )
             for k, c in curve.items():
                 if k == "best_k":
                     continue
                 print(
-                    f"  {name:<8} k={k:<3} {c['ratio']:.3f} [{c['ratio_ci'][0]:.3f}, "
-                    f"{c['ratio_ci'][1]:.3f}]  {c['median_ratio']:.3f}  "
+                    f"  {name:<8} k={k:<3} {c['ratio']:.3f} {protocol.format_ci(c['ratio_ci'])}  "
+                    f"{c['median_ratio']:.3f}  "
                     f"{c['validation_error']:.5f}  {c['seconds']:.2f}"
                 )
 

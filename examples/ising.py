@@ -224,30 +224,48 @@ def train_one_step(
         opt.step()
 
 
+def clip_groups(net: nn.Module) -> list[list[nn.Parameter]]:
+    """The parameter groups a row optimises, each clipped to norm 1 on its own: the predictor's
+    weights (the one group control has, so a joint meta row's predictor takes steps clipped
+    exactly as control's are, however large g's gradient is) and the tailoring parameters (g,
+    and the step when learned)."""
+    if not isinstance(net, NoetherWrapper):
+        return [[p for p in net.parameters() if p.requires_grad]]
+    model = [p for p in net.model.parameters() if p.requires_grad]
+    tailoring = list(net.tailoring_parameters())
+    return [group for group in (model, tailoring) if group]
+
+
 def train_rollout(
     net: nn.Module,
-    params: Any,
+    groups: list[list[nn.Parameter]],
     data: Data,
     steps: int,
     batch: int,
     seed: int,
     desc: str,
 ) -> float:
-    """Train ``net`` (x0 -> 10 predicted lattices) on the training trajectories; s per step.
+    """Train ``groups`` (lists of ``net``'s parameters; :func:`clip_groups`) of ``net`` (x0 ->
+    10 predicted lattices) on the training trajectories; s per step.
 
-    The batches come from a generator seeded with ``seed``: rows given the same seed see the
-    same batches (the compute-matched control and the meta rows)."""
+    Each group's gradient is clipped to norm 1 separately, and only the parameters being
+    optimised are clipped: a frozen predictor's gradient (backward still fills it, the inner
+    loop needs it to require grad) is cleared every step and never enters the norm, so it can
+    neither accumulate nor shrink the tailoring parameters' steps. The batches come from a
+    generator seeded with ``seed``: rows given the same seed see the same batches (the
+    compute-matched control and the meta rows)."""
     gen = torch.Generator().manual_seed(seed)
     x0 = data.train[:, 0].unsqueeze(1)
     target = data.train[:, 1:].unsqueeze(2)  # (n, 10, 1, L, L)
-    opt = torch.optim.Adam(params, lr=1e-3)
+    opt = torch.optim.Adam([p for group in groups for p in group], lr=1e-3)
     start = time.perf_counter()
     for _ in tqdm(range(steps), desc=desc, leave=False):
         idx = torch.randint(x0.shape[0], (batch,), generator=gen)
         loss = nn.functional.mse_loss(net(x0[idx]), target[idx])
-        opt.zero_grad()
+        net.zero_grad(set_to_none=True)  # every parameter, optimised or not
         loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        for group in groups:
+            nn.utils.clip_grad_norm_(group, 1.0)
         opt.step()
     return (time.perf_counter() - start) / max(steps, 1)
 
@@ -285,17 +303,18 @@ def bias_tailoring(step: nn.Module, g: nn.Module) -> NoetherWrapper:
     )
 
 
-def tune(net: NoetherWrapper, data: Data) -> tuple[float, float]:
+def tune(net: NoetherWrapper, data: Data) -> tuple[float, float, float]:
     """``tune_inner_lr`` on the validation trajectories: 10-step rollouts from their starts
     against their one realisation (the same ranking as against the ensemble mean, in
-    expectation); returns the step and its validation MSE."""
+    expectation); returns the step (0.0: off), its validation MSE and the best candidate
+    (:func:`protocol.tuned_step`)."""
     x0 = data.valid[:, 0].unsqueeze(1)
     target = data.valid[:, 1:].unsqueeze(2)
     horizon = _horizon(net)
     _set_horizon(net, 10)
     result = tune_inner_lr(net, x0, target, candidates=CANDIDATES, chunk=16)
     _set_horizon(net, horizon)
-    return result.best, result.losses[result.best]
+    return protocol.tuned_step(result)
 
 
 def _rollout_of(net: nn.Module) -> Rollout:
@@ -377,7 +396,15 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
     """Every row for one model seed: per-start MSEs, drifts, chosen steps, validation errors."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, Any] = {"err": {}, "extra": {}, "lr": {}, "val": {}, "g": {}, "pred": {}}
+    out: dict[str, Any] = {
+        "err": {},
+        "extra": {},
+        "lr": {},
+        "start": {},
+        "val": {},
+        "g": {},
+        "pred": {},
+    }
 
     def score(row: str, net: nn.Module) -> None:
         pred = predict(net, data)
@@ -390,10 +417,10 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
     train_one_step(step, data, cfg.one_step, 64, gen, f"seed {seed} vanilla")
     score("vanilla", Rollout(step, horizon=10))
     base = Rollout(copy.deepcopy(step), horizon=10)  # what every meta row starts from
-    train_rollout(base, base.parameters(), data, cfg.rollout, cfg.batch, seed, f"seed {seed} base")
+    train_rollout(base, clip_groups(base), data, cfg.rollout, cfg.batch, seed, f"seed {seed} base")
     control = copy.deepcopy(base)  # + the meta rows' steps on their batches: compute-matched
     train_rollout(
-        control, control.parameters(), data, cfg.meta, cfg.batch, seed + 1, f"seed {seed} control"
+        control, clip_groups(control), data, cfg.meta, cfg.batch, seed + 1, f"seed {seed} control"
     )
     score("control", control)
     score("projection", Projected(control))
@@ -413,31 +440,38 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
     for name, g in gs.items():
         net = noether(copy.deepcopy(control), g, 0.01)
         row = f"testtime_{name}"
-        out["lr"][row], out["val"][row] = tune(net, data)
+        out["lr"][row], out["val"][row], out["start"][row] = tune(net, data)
         score(row, net)
     bias = bias_tailoring(control.step, oracle_g)
-    out["lr"]["testtime_oracle_bias"], out["val"]["testtime_oracle_bias"] = tune(bias, data)
+    row = "testtime_oracle_bias"
+    out["lr"][row], out["val"][row], out["start"][row] = tune(bias, data)
     score("testtime_oracle_bias", bias)
 
     for name, g in gs.items():  # joint meta-training from the base model, the control's batches
         row = f"meta_{name}"
-        net = noether(copy.deepcopy(base), copy.deepcopy(g), out["lr"][f"testtime_{name}"])
+        net = noether(copy.deepcopy(base), copy.deepcopy(g), out["start"][f"testtime_{name}"])
         if name == "oracle":
             net.embedding.requires_grad_(False)
+        # the predictor clipped on its own, as control's is (g on its own): the two rows take
+        # comparable predictor steps on the same batches
         out.setdefault("seconds", {})[row] = train_rollout(
-            net, net.parameters(), data, cfg.meta, cfg.batch, seed + 1, f"seed {seed} {row}"
+            net, clip_groups(net), data, cfg.meta, cfg.batch, seed + 1, f"seed {seed} {row}"
         )
-        out["lr"][row], out["val"][row] = tune(net, data)
+        out["lr"][row], out["val"][row], out["start"][row] = tune(net, data)
         score(row, net)
         score(f"{row}_untailored", net.model)
         if name == "learned":
             out["g"][row] = (net.embedding, r_init)
     row = "meta_learned_frozen"  # on top of control, the predictor the test-time rows tailor
     net = noether(
-        copy.deepcopy(control), copy.deepcopy(learned_g), out["lr"]["testtime_learned"], learn=True
+        copy.deepcopy(control),
+        copy.deepcopy(learned_g),
+        out["start"]["testtime_learned"],
+        learn=True,
     )
-    train_rollout(net, list(net.tailoring_parameters()), data, cfg.meta, cfg.batch, seed + 1, row)
-    out["lr"][row], out["val"][row] = tune(net, data)
+    # only g (and the step) optimised and clipped; control's weights frozen
+    train_rollout(net, [list(net.tailoring_parameters())], data, cfg.meta, cfg.batch, seed + 1, row)
+    out["lr"][row], out["val"][row], out["start"][row] = tune(net, data)
     score(row, net)
     score(f"{row}_untailored", net.model)
     out["g"][row] = (net.embedding, r_init)
@@ -488,15 +522,16 @@ def main() -> None:
     parser.add_argument("--data-seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
+    protocol.add_threads_argument(parser)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
+    protocol.set_threads(args.threads)
     if args.size < 4 or args.size % 4:
         parser.error(f"--size must be a positive multiple of 4, got {args.size}")
     if args.horizon < 1:
         parser.error(f"--horizon must be positive, got {args.horizon}")
     start = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     quick = args.quick
     n_seeds = args.seeds if args.seeds is not None else (1 if quick else 2)
     seeds = list(range(args.seed, args.seed + n_seeds))
@@ -522,6 +557,7 @@ def main() -> None:
         for s in seeds:
             run = run_seed(s, data, cfg)
             run["data"] = data
+            run["data_seed"] = data_seed
             runs.append(run)
     names = list(runs[0]["err"])
     extras = {
@@ -546,10 +582,11 @@ def main() -> None:
         "rows": rows,
         "embeddings": embeddings,
         "seconds_per_meta_step": statistics.fmean(seconds),
+        "threads": args.threads,
     }
     protocol.print_table(
         f"{args.dynamics}, L = {args.size}, T = {runs[0]['data'].test.shape[2] - 1}, data seeds "
-        f"{data_seeds}, model seeds {seeds}; ratios to vanilla, 95% bootstrap",
+        f"{data_seeds}, model seeds {seeds}; ratios to vanilla, 95% nested bootstrap",
         rows,
         inner_lr=inner_lr,
         selected=selected,

@@ -3,14 +3,37 @@ steering notes; summarised in docs/evaluation.md): per-sequence errors, ratios t
 bootstrap intervals over test sequences and seeds, the worst-sequence share, embedding metrics,
 one JSON shape and one table.
 
-Errors enter as ``{row: array (seeds, sequences)}`` of per-sequence mean squared errors, so every
-example differs from the others only in its physics.
+Errors enter as ``{row: array}`` of per-sequence mean squared errors, either
+``(data_seeds, model_seeds, sequences)`` (the nested design: every data seed draws its own
+trajectories, and every model seed is trained on one data seed's training set) or
+``(seeds, sequences)``, read as ONE data seed whose model seeds share the same test sequences; so
+every example differs from the others only in its physics.
+
+Why the bootstrap is nested (data seeds, then model seeds within each drawn data seed, then that
+data seed's test sequences, the same draw for the row and its reference): a data seed fixes the
+training AND test trajectories, so the test sequences of two data seeds are different sequences
+(sequence 3 of data seed 0 has nothing to do with sequence 3 of data seed 1), and a model seed is
+only meaningful inside the data seed it was trained on. Resampling (data seed, model seed) pairs
+as exchangeable "seeds" and sequence indices across all of them, as the flat bootstrap did,
+treats the model seeds of one data seed as independent replicates of the data and pairs
+unrelated sequences: when the data seed moves the ratio (it does: a different training set is a
+different model) that interval is too narrow (tests/test_protocol.py measures both). With a
+single data seed the outer level draws that one seed every time and the interval says nothing
+about other data: it is an interval over model seeds and test sequences only.
+
+Every JSON written by :func:`write_json` carries the raw per-(data seed, model seed, sequence)
+errors of every row and the run's provenance, so ``examples/rederive.py`` recomputes every
+figure from the JSON alone.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,32 +43,142 @@ import torch
 from torch import Tensor
 
 BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+#: Version of the metrics below; stored in the JSON so that a re-derivation knows what it redoes.
+PROTOCOL_VERSION = 2
+#: The row keys :func:`row_metrics` computes from the errors alone (examples/rederive.py
+#: recomputes exactly these from ``raw``; every other key of a row is an example's extra).
+DERIVED_KEYS = (
+    "error",
+    "ratio",
+    "ratio_ci",
+    "ratio_to_control",
+    "ratio_to_control_ci",
+    "median_ratio",
+    "improved",
+    "n_test",
+    "worst_share",
+    "per_seed",
+    "per_data_seed",
+    "per_sequence",
+    "finite",
+)
+_CHUNK = 4_000_000  # gathered elements per block of resamples
+
+
+class Rows(dict):  # type: ignore[type-arg]
+    """The ``{row: metrics}`` of :func:`row_metrics`, remembering the nested errors they came
+    from (``.errors``: ``{row: (data_seeds, model_seeds, sequences)}``) and the reference rows,
+    so that :func:`write_json` can store them as ``raw`` without the caller passing them."""
+
+    errors: dict[str, np.ndarray]
+    vanilla: str
+    control: str | None
+
+
+def nested(err: np.ndarray | Sequence[Any]) -> np.ndarray:
+    """``(data_seeds, model_seeds, sequences)`` float64 errors; a 2-D ``(seeds, sequences)``
+    input is one data seed, a 1-D one one model seed of one data seed."""
+    a = np.asarray(err, dtype=np.float64)
+    while a.ndim < 3:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"errors must be 1-, 2- or 3-D, got shape {a.shape}")
+    return a
 
 
 def rmse(per_sequence_mse: np.ndarray) -> float:
-    """RMSE over every sequence (and seed) of ``(seeds, sequences)`` per-sequence MSEs."""
+    """RMSE over every sequence and seed of per-sequence MSEs (any shape)."""
     return float(np.sqrt(np.mean(per_sequence_mse)))
 
 
+def bootstrap_draws(
+    shape: tuple[int, int, int], *, seed: int = BOOTSTRAP_SEED, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The nested bootstrap's index draws for errors of ``shape`` ``(D, M, N)``: data seeds
+    ``(resamples, D)``; per drawn data seed, its model seeds ``(resamples, D, M)`` and its test
+    sequences ``(resamples, D, N)``. Drawn in this order from ``default_rng(seed)``, so every row
+    (and a re-derivation from the JSON) sees the same draws."""
+    d, m, n = shape
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, d, size=(resamples, d))
+    models = rng.integers(0, m, size=(resamples, d, m))
+    seqs = rng.integers(0, n, size=(resamples, d, n))
+    return data, models, seqs
+
+
+def bootstrap_means(
+    err: np.ndarray, draws: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """The mean error of every resample, ``(resamples,)``, vectorised in blocks."""
+    err = nested(err)
+    data, models, seqs = draws
+    resamples, d = data.shape
+    m, n = models.shape[2], seqs.shape[2]
+    out = np.empty(resamples)
+    block = max(1, _CHUNK // max(1, d * m * n))
+    for i in range(0, resamples, block):
+        dd = data[i : i + block, :, None, None]
+        mm = models[i : i + block, :, :, None]
+        nn_ = seqs[i : i + block, :, None, :]
+        out[i : i + block] = err[dd, mm, nn_].mean(axis=(1, 2, 3))
+    return out
+
+
 def bootstrap_ratio(
-    row: np.ndarray, base: np.ndarray, *, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
-) -> tuple[float, float]:
-    """95 % percentile interval of ``rmse(row) / rmse(base)``, resampling seeds and test
-    sequences (paired: the same draw for both).
+    row: np.ndarray,
+    base: np.ndarray,
+    *,
+    seed: int = BOOTSTRAP_SEED,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> tuple[float, float] | None:
+    """95 % percentile interval of ``rmse(row) / rmse(base)`` under the nested bootstrap (see
+    the module docstring): data seeds, then model seeds within each drawn data seed, then that
+    data seed's test sequences, the same draw for ``row`` and ``base`` (paired).
 
     Args:
-        row, base: ``(seeds, sequences)`` per-sequence MSEs.
+        row, base: per-sequence MSEs, ``(data_seeds, model_seeds, sequences)`` or ``(seeds,
+            sequences)`` (one data seed).
+
+    Returns:
+        ``(low, high)``, or None when an error is infinite or NaN, or ``base`` is all zero (no
+        interval exists; :func:`row_metrics` flags the row ``finite: False``), never NaN bounds.
     """
+    a, b = nested(row), nested(base)
+    if a.shape != b.shape:
+        raise ValueError(f"row {a.shape} and base {b.shape} differ in shape")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()) or not b.any():
+        return None
+    draws = bootstrap_draws(a.shape, seed=seed, resamples=resamples)
+    num, den = bootstrap_means(a, draws), bootstrap_means(b, draws)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.sqrt(num / den)
+    # a resample that drew only sequences the base predicts perfectly has no ratio: +inf if the
+    # row errs there (the row is worse), 1 if neither does
+    ratios = np.where(den > 0, ratios, np.where(num > 0, np.inf, 1.0))
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bootstrap_ratio_flat(
+    row: np.ndarray,
+    base: np.ndarray,
+    *,
+    seed: int = BOOTSTRAP_SEED,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> tuple[float, float]:
+    """The interval examples reported before the nested design, kept to show its failure mode
+    (tests/test_protocol.py): (data seed, model seed) pairs flattened into exchangeable "seeds",
+    and one draw of sequence indices shared by all of them."""
+    a = nested(row).reshape(-1, nested(row).shape[-1])
+    b = nested(base).reshape(a.shape)
     rng = np.random.default_rng(seed)
-    s, n = row.shape
+    s, n = a.shape
     seeds = rng.integers(0, s, size=(resamples, s))
     seqs = rng.integers(0, n, size=(resamples, n))
-    ratios = np.empty(resamples)
-    for i in range(resamples):
-        a = row[seeds[i]][:, seqs[i]]
-        b = base[seeds[i]][:, seqs[i]]
-        ratios[i] = math.sqrt(a.mean() / b.mean()) if b.mean() > 0 else math.nan
-    lo, hi = np.nanpercentile(ratios, [2.5, 97.5])
+    num = a[seeds[:, :, None], seqs[:, None, :]].mean(axis=(1, 2))
+    den = b[seeds[:, :, None], seqs[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.percentile(np.sqrt(num / den), [2.5, 97.5])
     return float(lo), float(hi)
 
 
@@ -55,36 +188,65 @@ def row_metrics(
     vanilla: str = "vanilla",
     control: str | None = "control",
     extras: Mapping[str, Mapping[str, Any]] | None = None,
-) -> dict[str, dict[str, Any]]:
+    seed: int = BOOTSTRAP_SEED,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> Rows:
     """Every row's protocol metrics.
 
     Args:
-        errors: ``{row: (seeds, sequences)}`` per-sequence MSEs; all rows on the same sequences.
+        errors: ``{row: (data_seeds, model_seeds, sequences)}`` per-sequence MSEs, or ``{row:
+            (seeds, sequences)}`` (one data seed); all rows on the same sequences.
         vanilla, control: the reference rows.
         extras: per-row additions (e.g. in/out-of-range ratios, drift), merged in.
+        seed, resamples: the bootstrap's (every row gets the same draws).
 
     Returns:
-        ``{row: {"error", "ratio", "ratio_ci", "ratio_to_control", "median_ratio", "improved",
-        "n_test", "worst_share", "per_seed", ...}}``.
+        ``{row: {"error", "ratio", "ratio_ci", "ratio_to_control", "ratio_to_control_ci",
+        "median_ratio", "improved", "n_test", "worst_share", "per_seed", "per_data_seed",
+        "per_sequence", "finite", ...}}`` (a :class:`Rows`, which also holds the nested errors).
+        ``per_seed``: RMSE per (data seed, model seed), data seed major; ``per_data_seed``: the
+        ratio to vanilla within each data seed; ``per_sequence``: the MSE per test sequence
+        averaged over model seeds, data seed major. ``finite`` is False when the row (or
+        vanilla) has an infinite or NaN error: its intervals are then None and its ratios may be
+        inf or NaN (written as null in the JSON).
     """
-    base = errors[vanilla]
-    out: dict[str, dict[str, Any]] = {}
-    for name, err in errors.items():
-        per_seq_ratio = np.sqrt(err / np.maximum(base, 1e-300))
-        worst = err.mean(axis=0).max() / err.mean(axis=0).sum() if err.sum() > 0 else 0.0
+    nest = {name: nested(err) for name, err in errors.items()}
+    base = nest[vanilla]
+    ctrl = None if control is None or control not in nest else nest[control]
+    out = Rows()
+    out.errors, out.vanilla = nest, vanilla
+    out.control = control if ctrl is not None else None
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> float:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.float64(rmse(a)) / np.float64(rmse(b)))
+
+    for name, err in nest.items():
+        finite = bool(np.isfinite(err).all() and np.isfinite(base).all())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_seq_ratio = np.sqrt(err / np.maximum(base, 1e-300))
+            per_seq = err.mean(axis=1)  # (data seeds, sequences): over model seeds
+            total = per_seq.sum()
+            worst = float(per_seq.max() / total) if total > 0 else 0.0
+        d, m, _ = err.shape
+        ci = bootstrap_ratio(err, base, seed=seed, resamples=resamples)
+        ctrl_ci = (
+            None if ctrl is None else bootstrap_ratio(err, ctrl, seed=seed, resamples=resamples)
+        )
         metrics: dict[str, Any] = {
             "error": rmse(err),
-            "ratio": rmse(err) / rmse(base),
-            "ratio_ci": list(bootstrap_ratio(err, base)),
-            "ratio_to_control": None
-            if control is None or control not in errors
-            else rmse(err) / rmse(errors[control]),
+            "ratio": ratio(err, base),
+            "ratio_ci": None if ci is None else list(ci),
+            "ratio_to_control": None if ctrl is None else ratio(err, ctrl),
+            "ratio_to_control_ci": None if ctrl_ci is None else list(ctrl_ci),
             "median_ratio": float(np.median(per_seq_ratio)),
             "improved": int((err < base).sum()),
             "n_test": int(err.size),
-            "worst_share": float(worst),
-            "per_seed": [rmse(e[None]) for e in err],
-            "per_sequence": err.mean(axis=0).tolist(),
+            "worst_share": worst,
+            "per_seed": [rmse(err[i, j]) for i in range(d) for j in range(m)],
+            "per_data_seed": [ratio(err[i], base[i]) for i in range(d)],
+            "per_sequence": per_seq.reshape(-1).tolist(),
+            "finite": finite,
         }
         if extras and name in extras:
             metrics.update(extras[name])
@@ -92,12 +254,35 @@ def row_metrics(
     return out
 
 
+def nested_errors(runs: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """``{row: (data_seeds, model_seeds, sequences)}`` from runs holding ``err`` ``{row:
+    (sequences,)}``, grouped by each run's ``data_seed`` (runs without one are one data seed), in
+    the order the data seeds first appear; every data seed must have as many model seeds."""
+    groups: dict[Any, list[Mapping[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r.get("data_seed"), []).append(r)
+    sizes = {len(g) for g in groups.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every data seed needs as many model seeds, got {sorted(sizes)}")
+    names = list(runs[0]["err"])
+    return {
+        row: np.stack(
+            [
+                np.stack([np.asarray(r["err"][row], dtype=np.float64) for r in g])
+                for g in groups.values()
+            ]
+        )
+        for row in names
+    }
+
+
 def summarise_runs(
     runs: Sequence[Mapping[str, Any]], extras: Mapping[str, Mapping[str, Any]] | None = None
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float | None], str]:
     """Rows, steps and the selected row from runs (one per data and model seed) that each hold
     ``err`` ``{row: (sequences,)}`` per-sequence MSEs, ``val`` ``{noether row: validation
-    error}`` and ``lr`` ``{noether row: chosen step}``.
+    error}``, ``lr`` ``{noether row: chosen step}`` and ``data_seed`` (runs of one data seed
+    share its test sequences; without it all runs are one data seed).
 
     Returns:
         ``(rows, inner_lr, selected)``: :func:`row_metrics` plus each Noether row's validation
@@ -105,15 +290,16 @@ def summarise_runs(
         Noether row with the lowest mean validation error.
     """
     names = list(runs[0]["err"])
-    errors = {row: np.stack([r["err"][row] for r in runs]) for row in names}
+    errors = nested_errors(runs)
     rows = row_metrics(errors, extras=extras)
-    noether = list(runs[0]["val"])
-    val = {row: float(np.mean([r["val"][row] for r in runs])) for row in noether}
+    scored = list(runs[0]["val"])
+    val = {row: float(np.mean([r["val"][row] for r in runs])) for row in scored}
     inner_lr: dict[str, float | None] = dict.fromkeys(names)
-    for row in noether:
+    for row in scored:
         rows[row]["validation_error"] = val[row]
-        rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
-        inner_lr[row] = float(np.mean(rows[row]["inner_lr_per_seed"]))
+        if row in runs[0]["lr"]:
+            rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
+            inner_lr[row] = float(np.mean(rows[row]["inner_lr_per_seed"]))
     return rows, inner_lr, select_row(val)
 
 
@@ -143,9 +329,22 @@ def gradient_alignment(
     return cos, ratio
 
 
+def tuned_step(result: Any) -> tuple[float, float, float]:
+    """``(step, validation loss, start step)`` from a ``tune_inner_lr`` result: the step is 0.0
+    and the loss the untailored one where tuning switched tailoring off (``best`` None, the
+    wrapper then at ``inner_steps = 0``); the start step is the best-scoring candidate even then,
+    what a meta-training run initialised from this row starts from (a step of 0 learns nothing)."""
+    start = min(result.losses, key=lambda c: result.losses[c])
+    if result.best is None:
+        return 0.0, float(result.untailored), float(start)
+    return float(result.best), float(result.losses[result.best]), float(result.best)
+
+
 def select_row(validation: Mapping[str, float]) -> str:
-    """The Noether row a training-data rule picks: the lowest validation error."""
-    return min(validation, key=lambda r: validation[r])
+    """The row a training-data rule picks: the lowest validation error, among every row scored
+    on validation, vanilla included where the example scores it (then tailoring must beat the
+    plain model on validation to be recommended); ties go to vanilla."""
+    return min(validation, key=lambda r: (validation[r], r != "vanilla"))
 
 
 def print_table(
@@ -167,15 +366,15 @@ def print_table(
     head += "".join(f"{h:>{max(len(h) + 1, 9)}}" for _, h, _ in extra_columns)
     print(f"\n{title}\n{head}")
     for name, m in rows.items():
-        ci = m["ratio_ci"]
         ctrl = m["ratio_to_control"]
         step = inner_lr.get(name)
         improved = f"{m['improved']}/{m['n_test']}"
         line = (
-            f"{name + (' *' if name == selected else ''):<26}{m['error']:>9.4f}{m['ratio']:>8.3f}"
-            f"{f'[{ci[0]:.3f}, {ci[1]:.3f}]':>16}{'—' if ctrl is None else f'{ctrl:.3f}':>7}"
-            f"{m['median_ratio']:>8.3f}{improved:>10}"
-            f"{m['worst_share']:>7.2f}{'—' if step is None else f'{step:.3g}':>8}"
+            f"{name + (' *' if name == selected else ''):<26}{_num(m['error'], '.4f'):>9}"
+            f"{_num(m['ratio'], '.3f'):>8}"
+            f"{format_ci(m['ratio_ci']):>16}{'—' if ctrl is None else _num(ctrl, '.3f'):>7}"
+            f"{_num(m['median_ratio'], '.3f'):>8}{improved:>10}"
+            f"{_num(m['worst_share'], '.2f'):>7}{'—' if step is None else f'{step:.3g}':>8}"
         )
         for key, h, fmt in extra_columns:
             value = m.get(key)
@@ -184,19 +383,166 @@ def print_table(
         print(line)
     if selected is not None:
         print(f"* selected by validation error on training data: {selected}")
+    bad = [name for name, m in rows.items() if m.get("finite") is False]
+    if bad:
+        print("non-finite errors (no interval): " + ", ".join(bad))
 
 
-def write_json(path: Path | None, report: Mapping[str, Any]) -> None:
+def _num(value: float | None, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—" if value is None else str(value)
+    return format(value, fmt)
+
+
+def format_ci(ci: Sequence[float] | None) -> str:
+    """``[lo, hi]`` to three decimals, or ``n/a (non-finite)`` where no interval exists."""
+    if ci is None:
+        return "n/a (non-finite)"
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def add_threads_argument(parser: Any) -> None:
+    """``--threads`` (default 1): results depend on the thread count (reductions split
+    differently), so every example fixes it and records it in the JSON's provenance."""
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (fixed: results depend on it)"
+    )
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)``, at startup, before any work."""
+    if threads < 1:
+        raise ValueError(f"--threads must be positive, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def provenance(seconds: float | None = None) -> dict[str, Any]:
+    """What produced a result: package version, git commit (None outside a repository) and
+    whether the tracked files differed from it, torch version, torch's thread count, the command
+    line, Python, the platform, the run's seconds and when it was written (UTC)."""
+    try:
+        import noether_wrap
+
+        version: str | None = noether_wrap.__version__
+    except Exception:  # noqa: BLE001 - a broken install still gets its provenance written
+        try:
+            from importlib.metadata import version as _version
+
+            version = _version("noether_wrap")
+        except Exception:  # noqa: BLE001
+            version = None
+    commit = _git("rev-parse", "HEAD")
+    status = None if commit is None else _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "package_version": version,
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy_version": np.__version__,
+        "command": [Path(sys.executable).name, *sys.argv],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "seconds": seconds,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as null (strict JSON has no inf or NaN; ``finite`` says which rows)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def json_text(report: Mapping[str, Any]) -> str:
+    """The JSON text :func:`write_json` writes (non-finite floats as null)."""
+    return json.dumps(_json_safe(report), indent=2, allow_nan=False)
+
+
+def write_json(
+    path: Path | None,
+    report: Mapping[str, Any],
+    *,
+    errors: Mapping[str, np.ndarray] | None = None,
+    vanilla: str | None = None,
+    control: str | None = None,
+) -> dict[str, Any] | None:
     """Write the protocol's JSON (``example``, ``data_seeds``, ``seeds``, ``seconds``,
-    ``metric``, ``inner_lr``, ``selected``, ``rows``, ``embeddings`` and the example's extras)."""
+    ``metric``, ``inner_lr``, ``selected``, ``rows``, ``embeddings`` and the example's extras),
+    adding:
+
+    - ``raw``: ``{row: [[[mse per test sequence] per model seed] per data seed]}``, from
+      ``errors`` or else from the :class:`Rows` of :func:`row_metrics` / :func:`summarise_runs`
+      in ``report["rows"]``;
+    - ``protocol``: what re-derives the rows from ``raw`` (``version``, ``vanilla``,
+      ``control``, ``bootstrap_seed``, ``resamples``, ``raw_shape``: data seeds, model seeds,
+      sequences);
+    - ``provenance``: see :func:`provenance`.
+
+    Non-finite floats are written as null. Returns the dict written (None without a path).
+    """
     if path is None:
-        return
+        return None
     required = {"example", "data_seeds", "seeds", "seconds", "metric", "inner_lr", "selected"}
     missing = (required | {"rows", "embeddings"}) - set(report)
     if missing:
         raise ValueError(f"report lacks {sorted(missing)}")
+    rows = report["rows"]
+    if errors is None and isinstance(rows, Rows):
+        errors = rows.errors
+    if vanilla is None:
+        vanilla = rows.vanilla if isinstance(rows, Rows) else "vanilla"
+    if control is None and isinstance(rows, Rows):
+        control = rows.control
+    elif control is None and "control" in rows:
+        control = "control"
+    out = dict(report)
+    if errors is not None:
+        raw = {row: nested(e) for row, e in errors.items()}
+        shapes = {a.shape for a in raw.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"raw errors differ in shape: {sorted(shapes)}")
+        out["raw"] = {row: a.tolist() for row, a in raw.items()}
+        out["protocol"] = {
+            "version": PROTOCOL_VERSION,
+            "vanilla": vanilla,
+            "control": control,
+            "bootstrap_seed": BOOTSTRAP_SEED,
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "raw_shape": list(shapes.pop()),
+        }
+    elif "raw" not in out:
+        print("warning: no raw errors for the JSON: it cannot be re-derived", file=sys.stderr)
+        out["raw"] = None
+    out["provenance"] = provenance(report.get("seconds"))
+    text = json_text(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    path.write_text(text)
+    parsed: dict[str, Any] = json.loads(text)
+    return parsed
 
 
 def markdown_table(
@@ -204,6 +550,9 @@ def markdown_table(
 ) -> str:
     """The report's rows as a markdown table (the docs quote these, never rounder numbers)."""
     head = ["row", "error", "ratio", "95% CI", "/ control", "median", "improved", "worst", "step"]
+    per_data_seed = len(report.get("data_seeds", [])) > 1
+    if per_data_seed:
+        head.insert(4, "per data seed")
     head += [h for _, h, _ in extra_columns]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in report["rows"].items():
@@ -212,15 +561,18 @@ def markdown_table(
         label = f"**{name}** (selected)" if name == report["selected"] else name
         cells = [
             label,
-            f"{m['error']:.4f}",
-            f"{m['ratio']:.3f}",
-            f"[{m['ratio_ci'][0]:.3f}, {m['ratio_ci'][1]:.3f}]",
-            "—" if ctrl is None else f"{ctrl:.3f}",
-            f"{m['median_ratio']:.3f}",
+            _num(m["error"], ".4f"),
+            _num(m["ratio"], ".3f"),
+            format_ci(m["ratio_ci"]),
+            "—" if ctrl is None else _num(ctrl, ".3f"),
+            _num(m["median_ratio"], ".3f"),
             f"{m['improved']}/{m['n_test']}",
-            f"{m['worst_share']:.2f}",
+            _num(m["worst_share"], ".2f"),
             "—" if step is None else f"{step:.3g}",
         ]
+        if per_data_seed:
+            values = m.get("per_data_seed")
+            cells.insert(4, "—" if not values else ", ".join(_num(v, ".3f") for v in values))
         for key, _, fmt in extra_columns:
             value = m.get(key)
             cells.append("—" if value is None else format(value, fmt))

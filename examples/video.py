@@ -16,7 +16,10 @@ rollout training); control (vanilla trained further for as many steps, on the sa
 the meta rows); testtime_oracle (vanilla tailored at prediction time with g = the ball's energy
 from a thresholded intensity centroid) and testtime_learned (g a ConvEmbedding over frame pairs,
 pretrained with fit_conserved on the training clips); meta_learned_frozen (g and the step
-meta-trained, the predictor frozen) and meta_learned (joint, as the paper), each also untailored.
+meta-trained, the predictor frozen) and meta_learned (joint, as the paper), each also untailored;
+expert_physics (what a physicist writes first: the ball's position read off the two observed
+frames, the known spring law solved exactly, the ball rendered where it says: the ceiling, not a
+competitor on equal terms).
 Every step size is chosen by tune_inner_lr on validation clips carved from the training set (used
 for nothing else); ``selected`` is the Noether row with the lowest validation error.
 """
@@ -164,6 +167,34 @@ class CentroidEnergy(nn.Module):
         return spring_energy(second, (second - first) / DT)
 
 
+class SpringExpert(nn.Module):
+    """What a physicist writes first: read the ball's position off each observed frame (the
+    intensity-weighted centroid, no threshold), solve the known spring law exactly from the two
+    observed positions (x(t) = x0 cos(wt) + (v0 / w) sin(wt), so x(DT) fixes v0), and render the
+    ball where the law puts it. It knows the law, k and the renderer, and learns nothing: the
+    ceiling a learned predictor of this toy world is measured against, not a competitor on
+    equal terms (a real video has no exact law or renderer to call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("grid", torch.linspace(-1, 1, SIZE))
+
+    def position(self, frame: Tensor) -> Tensor:  # (..., 1, H, W) -> (..., 2)
+        w = frame[..., 0, :, :]
+        mass = w.sum(dim=(-2, -1)).clamp_min(1e-6)
+        x = (w.sum(-2) * self.grid).sum(-1) / mass
+        y = (w.sum(-1) * self.grid).sum(-1) / mass
+        return torch.stack([x, y], -1)
+
+    def forward(self, frames: Tensor) -> Tensor:  # (B, 2, 1, H, W) -> (B, HORIZON, 1, H, W)
+        omega = math.sqrt(K_SPRING)
+        x0, x1 = self.position(frames[:, 0]), self.position(frames[:, 1])
+        v0 = omega * (x1 - x0 * math.cos(omega * DT)) / math.sin(omega * DT)  # (v0 / w) * w
+        t = DT * torch.arange(OBSERVED, OBSERVED + HORIZON, dtype=frames.dtype)[:, None]
+        pos = x0[:, None] * torch.cos(omega * t) + (v0[:, None] / omega) * torch.sin(omega * t)
+        return render(pos)
+
+
 def ssim(a: Tensor, b: Tensor) -> Tensor:
     """SSIM, 11x11 Gaussian window (sigma 1.5), per image: ``(..., 1, H, W)`` -> ``(...)``."""
     coords = torch.arange(11, dtype=a.dtype) - 5
@@ -218,9 +249,20 @@ class Settings:
 skipped: dict[str, int] = {}
 
 
+def clip_groups(net: nn.Module) -> list[list[nn.Parameter]]:
+    """The parameter groups a row optimises, each clipped to norm 1 on its own: the predictor's
+    weights (control's only group: a joint meta row's predictor steps are clipped as control's
+    are, however large g's gradient) and the tailoring parameters (g and the step)."""
+    if not isinstance(net, NoetherWrapper):
+        return [[p for p in net.parameters() if p.requires_grad]]
+    model = [p for p in net.model.parameters() if p.requires_grad]
+    tailoring = list(net.tailoring_parameters())
+    return [group for group in (model, tailoring) if group]
+
+
 def train(
     net: nn.Module,
-    params: Any,
+    groups: list[list[nn.Parameter]],
     clips: Clips,
     steps: int,
     cfg: Settings,
@@ -228,10 +270,15 @@ def train(
     desc: str,
     teacher: bool = False,
 ) -> float:
-    """Adam on the frame MSE (teacher forcing or full rollouts); s per step. Batches come from a
-    generator seeded with ``seed``: rows given the same seed see the same batches."""
+    """Adam on the frame MSE (teacher forcing or full rollouts) over ``groups`` (lists of
+    ``net``'s parameters, :func:`clip_groups`); s per step. Batches come from a generator seeded
+    with ``seed``: rows given the same seed see the same batches.
+
+    Only the parameters being optimised are clipped (each group to norm 1) and checked for a
+    non-finite gradient: a frozen predictor's gradient, which backward still fills, is cleared
+    every step and enters neither the norm nor the skip."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = torch.optim.Adam([p for group in groups for p in group], lr=cfg.lr)
     frames = clips.frames
     start = time.perf_counter()
     for _ in tqdm(range(steps), desc=desc, leave=False):
@@ -242,10 +289,10 @@ def train(
             loss = nn.functional.mse_loss(net(clip[:, t - 2 : t]), clip[:, t])
         else:
             loss = nn.functional.mse_loss(net(clip[:, :OBSERVED]), clip[:, OBSERVED:])
-        opt.zero_grad()
+        net.zero_grad(set_to_none=True)  # every parameter, optimised or not
         loss.backward()
-        norm = nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        if not torch.isfinite(norm):  # an exploding outer gradient: skip the step, say so
+        norms = [nn.utils.clip_grad_norm_(group, 1.0) for group in groups]
+        if not all(torch.isfinite(n) for n in norms):  # an exploding gradient: skip, say so
             skipped[desc] = skipped.get(desc, 0) + 1
             continue
         opt.step()
@@ -260,13 +307,14 @@ def predict(net: nn.Module, clips: Clips, chunk: int = 32) -> Tensor:
     return torch.cat(outs)
 
 
-def tune(net: NoetherWrapper, valid: Clips) -> tuple[float, float]:
-    """``tune_inner_lr`` on the validation clips; returns the step and its validation MSE."""
+def tune(net: NoetherWrapper, valid: Clips) -> tuple[float, float, float]:
+    """``tune_inner_lr`` on the validation clips: the step (0.0: off), its validation MSE and
+    the best candidate (:func:`protocol.tuned_step`)."""
     frames = valid.frames
     result = tune_inner_lr(
         net, frames[:, :OBSERVED], frames[:, OBSERVED:], candidates=CANDIDATES, chunk=32
     )
-    return result.best, result.losses[result.best]
+    return protocol.tuned_step(result)
 
 
 def per_clip(pred: Tensor, clips: Clips) -> tuple[np.ndarray, dict[str, Any]]:
@@ -298,7 +346,15 @@ def embedding_metrics(g: nn.Module, clips: Clips, r_init: float | None) -> dict[
 
 def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Settings) -> dict:  # type: ignore[type-arg]
     torch.manual_seed(seed)
-    out: dict[str, Any] = {"err": {}, "extra": {}, "lr": {}, "val": {}, "g": {}, "pred": {}}
+    out: dict[str, Any] = {
+        "err": {},
+        "extra": {},
+        "lr": {},
+        "start": {},
+        "val": {},
+        "g": {},
+        "pred": {},
+    }
 
     def score(row: str, net: nn.Module) -> None:
         pred = predict(net, test)
@@ -307,12 +363,12 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
 
     step = FramePredictor()
     train(
-        step, step.parameters(), train_clips, cfg.teacher, cfg, seed, f"seed {seed} teacher", True
+        step, clip_groups(step), train_clips, cfg.teacher, cfg, seed, f"seed {seed} teacher", True
     )
     vanilla = Rollout(step, HORIZON, context=2)
     train(
         vanilla,
-        vanilla.parameters(),
+        clip_groups(vanilla),
         train_clips,
         cfg.rollout,
         cfg,
@@ -322,9 +378,10 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
     score("vanilla", vanilla)
     control = copy.deepcopy(vanilla)
     train(
-        control, control.parameters(), train_clips, cfg.meta, cfg, seed + 2, f"seed {seed} control"
+        control, clip_groups(control), train_clips, cfg.meta, cfg, seed + 2, f"seed {seed} control"
     )
     score("control", control)
+    score("expert_physics", SpringExpert())
 
     oracle = Standardized.fit(CentroidEnergy(), train_clips.frames, window=2)
     torch.manual_seed(seed)
@@ -337,20 +394,22 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
     for name, g in (("oracle", oracle), ("learned", learned)):
         net = wrap(copy.deepcopy(step), g, 1.0)
         row = f"testtime_{name}"
-        out["lr"][row], out["val"][row] = tune(net, valid)
+        out["lr"][row], out["val"][row], out["start"][row] = tune(net, valid)
         score(row, net)
 
     row = "meta_learned_frozen"
-    net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["lr"]["testtime_learned"], True)
-    train(net, list(net.tailoring_parameters()), train_clips, cfg.meta, cfg, seed + 2, row)
-    out["lr"][row], out["val"][row] = tune(net, valid)
+    net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["start"]["testtime_learned"], True)
+    # only g and the step optimised, clipped and checked; the predictor frozen
+    train(net, [list(net.tailoring_parameters())], train_clips, cfg.meta, cfg, seed + 2, row)
+    out["lr"][row], out["val"][row], out["start"][row] = tune(net, valid)
     score(row, net)
     score(f"{row}_untailored", net.model)
     out["g"][row] = (net.embedding, r_init)
     row = "meta_learned"
-    net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["lr"]["testtime_learned"], True)
-    out["seconds"] = train(net, net.parameters(), train_clips, cfg.meta, cfg, seed + 2, row)
-    out["lr"][row], out["val"][row] = tune(net, valid)
+    net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["start"]["testtime_learned"], True)
+    # the predictor clipped on its own as control's is, g on its own: comparable predictor steps
+    out["seconds"] = train(net, clip_groups(net), train_clips, cfg.meta, cfg, seed + 2, row)
+    out["lr"][row], out["val"][row], out["start"][row] = tune(net, valid)
     score(row, net)
     score(f"{row}_untailored", net.model)
     out["g"][row] = (net.embedding, r_init)
@@ -404,11 +463,12 @@ def main() -> None:
     parser.add_argument("--data-seeds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
+    protocol.add_threads_argument(parser)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
+    protocol.set_threads(args.threads)
     start = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     quick = args.quick
     cfg = Settings(
         teacher=20 if quick else 1500,
@@ -432,6 +492,7 @@ def main() -> None:
         for s in seeds:
             run = run_seed(s, fit_clips, valid, test_clips, cfg)
             run["test"] = test_clips
+            run["data_seed"] = data_seed
             runs.append(run)
     names = list(runs[0]["err"])
     extras: dict[str, dict[str, Any]] = {}
@@ -467,10 +528,11 @@ def main() -> None:
         "embeddings": embeddings,
         "seconds_per_meta_step": statistics.fmean(r["seconds"] for r in runs),
         "skipped_steps": dict(skipped),
+        "threads": args.threads,
     }
     protocol.print_table(
         f"ball on a spring, {runs[0]['test'].frames.shape[0]} test clips, data seeds "
-        f"{data_seeds}, model seeds {seeds}; ratios to vanilla, 95% bootstrap",
+        f"{data_seeds}, model seeds {seeds}; ratios to vanilla, 95% nested bootstrap",
         rows,
         inner_lr=inner_lr,
         selected=selected,

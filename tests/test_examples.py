@@ -1,20 +1,27 @@
-"""Examples run end to end at their --quick size; numbers are for the notes, only structure and
-finiteness are checked here."""
+"""Examples run end to end at their --quick size; numbers are for the notes. Checked here: the
+JSON's shape, raw errors and provenance, that every figure re-derives from the raw errors, that
+every row is finite, and that a tailored row's predictions differ from the model it tailors
+wherever its step is non-zero."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import rederive  # noqa: E402
 
 
 def _run(script: str, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -22,7 +29,12 @@ def _run(script: str, *args: str) -> str:
 
 def test_train_loop_quick() -> None:
     out = _run("train_loop.py", "--quick")
-    assert "tailored" in out and "untailored" in out
+    match = re.search(r"tailored (\S+)\s+untailored (\S+)\s+step size (\S+)", out)
+    assert match, out
+    tailored, plain, step = (float(v) for v in match.groups())
+    assert all(math.isfinite(v) for v in (tailored, plain, step))
+    assert 0 < tailored < 10 and 0 < plain < 10 and step > 0
+    assert tailored != plain  # the wrap changes the prediction
 
 
 PROTOCOL_ROW_KEYS = {
@@ -36,6 +48,9 @@ PROTOCOL_ROW_KEYS = {
     "worst_share",
     "per_seed",
     "per_sequence",
+    "ratio_to_control_ci",
+    "per_data_seed",
+    "finite",
 }
 
 
@@ -56,6 +71,32 @@ def check_protocol_report(report: dict, example: str) -> None:  # type: ignore[t
         assert len(row["per_seed"]) == len(report["seeds"]) * len(report["data_seeds"])
     for name, metrics in report["embeddings"].items():
         assert 0 <= metrics["abs_r"] <= 1 and metrics["within_var_frac"] >= 0, name
+    # raw errors: (data seeds, model seeds, sequences) per row, every figure re-derived from them
+    raw = report["raw"]
+    assert set(raw) == set(rows)
+    shape = (len(report["data_seeds"]), len(report["seeds"]), -1)
+    for name, values in raw.items():
+        a = np.asarray(values)
+        assert a.shape[:2] == shape[:2] and a.size == rows[name]["n_test"], name
+        assert np.isfinite(a).all() and (a > 0).all(), name
+        assert rows[name]["finite"] is True and len(rows[name]["per_data_seed"]) == shape[0]
+        assert rows[name]["ratio_to_control_ci"] is not None, name
+    assert report["protocol"]["raw_shape"][:2] == list(shape[:2])
+    assert rederive.mismatches(report) == []
+    prov = report["provenance"]
+    assert prov["torch_threads"] == 1  # the examples' default --threads
+    assert prov["package_version"] and prov["torch_version"] and prov["command"][1].endswith(".py")
+    assert "git_commit" in prov and "git_dirty" in prov and prov["seconds"] > 0
+
+
+def assert_tailoring_moves(report: dict, base: str) -> None:  # type: ignore[type-arg]
+    """Every test-time row with a non-zero step predicts differently from ``base``, the model it
+    tailors (one changed weight changes every sequence's error)."""
+    raw = report["raw"]
+    for name, step in report["inner_lr"].items():
+        if name.startswith("testtime_") and step:
+            moved = np.asarray(raw[name]) != np.asarray(raw[base])
+            assert moved.any(), (name, step)
 
 
 def test_pendulum_quick_json(tmp_path: Path) -> None:
@@ -89,6 +130,12 @@ def test_pendulum_quick_json(tmp_path: Path) -> None:
     assert set(report["test_steps"]["oracle_backtrack"]) == {"1", "2", "best_k"}
     assert report["sampler"] == "hnn" and report["paper"]["vanilla"] == 0.0563
     assert plot.stat().st_size > 10_000
+    assert_tailoring_moves(report, "vanilla")
+    assert report["vanilla_data"].startswith("the 20 non-validation")
+    for curve in ("oracle_none", "oracle_backtrack"):
+        for k in ("1", "2"):
+            assert np.asarray(report["raw_test_steps"][curve][k]).shape == (1, 1, 25)
+            assert report["test_steps"][curve][k]["ratio_ci"] is not None
 
 
 def test_spring_quick_json(tmp_path: Path) -> None:
@@ -101,6 +148,7 @@ def test_spring_quick_json(tmp_path: Path) -> None:
     assert abs(coef["q^2"] - 1.0) < 0.1  # q^2 + p^2, from the noisy training trajectories
     assert report["paper"]["vanilla"] == 0.0174
     assert report["rows"]["testtime_oracle"]["n_test"] == 25
+    assert_tailoring_moves(report, "vanilla")
 
 
 def test_protocol_ratios_and_intervals() -> None:
@@ -141,6 +189,7 @@ def test_ising_quick_json(tmp_path: Path) -> None:
     assert set(report["embeddings"]) == {"testtime_learned", "meta_learned", "meta_learned_frozen"}
     assert report["dynamics"] == "kawasaki"
     assert (tmp_path / "i.png").stat().st_size > 10_000
+    assert_tailoring_moves(report, "control")  # the test-time rows tailor control
 
 
 def test_ising_generators_conserve_their_quantities() -> None:
@@ -172,7 +221,7 @@ def test_video_quick_json(tmp_path: Path) -> None:
     report = json.loads(path.read_text())
     check_protocol_report(report, "video")
     rows = report["rows"]
-    expected = {"vanilla", "control", "testtime_oracle", "testtime_learned"}
+    expected = {"vanilla", "control", "testtime_oracle", "testtime_learned", "expert_physics"}
     expected |= {"meta_learned", "meta_learned_untailored"}
     expected |= {"meta_learned_frozen", "meta_learned_frozen_untailored"}
     assert set(rows) == expected
@@ -180,3 +229,7 @@ def test_video_quick_json(tmp_path: Path) -> None:
         assert math.isfinite(rows[name]["mse_last"]) and -1.0 <= rows[name]["ssim"] <= 1.0
     assert set(report["embeddings"]) == {"testtime_learned", "meta_learned", "meta_learned_frozen"}
     assert (tmp_path / "v.png").stat().st_size > 10_000
+    assert_tailoring_moves(report, "vanilla")
+    # the expert knows the law and the renderer: far below an undertrained vanilla
+    assert rows["expert_physics"]["ratio"] < 0.5 and rows["expert_physics"]["error"] < 0.02
+    assert report["inner_lr"]["expert_physics"] is None
