@@ -102,15 +102,20 @@ def run_call(
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         call = _make_call(net, inputs, args, kwargs, steps, need_final_loss)
-        result = _run(net, call, materialise)
+        result: InnerResult = _run(net, call, materialise)
     if forward:
         _write_back_buffers(net.model, result.buffers)
         _warn_if_diverged(net.options, result.losses)
     return result
 
 
+@torch.compiler.disable  # type: ignore[untyped-decorator]
 def _run(net: NoetherWrapper, call: Call, materialise: bool) -> InnerResult:
-    """The path's run, its low-rank fallback, non-finite recovery and error translation."""
+    """The path's run, its low-rank fallback, non-finite recovery and error translation.
+
+    Runs eagerly under ``torch.compile`` (a graph break): dynamo traced the one loop's ``vmap``
+    lanes to wrong values in torch 2.13, so the inner loop is kept out of compiled graphs until
+    that is understood; the rest of a compiled model still compiles."""
     options = net.options
     selected = set(net.adapted_names())
     params: Params = {n: p for n, p in net.model.named_parameters() if n in selected}

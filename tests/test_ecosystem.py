@@ -77,5 +77,5 @@ def test_compiled_wrapper_in_eval_matches_eager(per_sample: bool) -> None:
         out = compiled(x)
     torch.testing.assert_close(out, eager)
     assert not torch.allclose(out, untailored)
-    if per_sample:
-        assert net.last_path == "vmap"  # the low-rank path's hooks are not traced by dynamo
+    if per_sample:  # the inner loop runs eagerly inside a compiled wrapper (a graph break)
+        assert net.last_path == "lowrank"
