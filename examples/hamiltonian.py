@@ -42,7 +42,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
-from noether_wrap import NoetherWrapper, Rollout, fit_conserved, tune_inner_lr  # noqa: E402
+from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr  # noqa: E402
 from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized  # noqa: E402
 
 EMBEDDINGS = ("oracle", "formula", "learned")
@@ -201,26 +201,19 @@ def per_sequence_mse(pred: Tensor, truth: Tensor) -> np.ndarray:
     return ((pred - truth) ** 2).mean(dim=(1, 2)).double().numpy()
 
 
-def tune(
-    net: NoetherWrapper, data: Data, steps: int = 1, out: dict[str, Any] | None = None
-) -> tuple[float, float, float]:
+def tune(net: NoetherWrapper, data: Data, steps: int = 1) -> TuneResult:
     """``tune_inner_lr`` on the validation trajectories (training data): noisy starts, noisy
-    states; returns the chosen step (0.0: tailoring switched off), its validation MSE and the
-    best candidate step (:func:`protocol.tuned_step`). The grid is the rule's: fixed steps, or
-    Polyak fractions. ``out``: where a test-time row records the untailored (vanilla) validation
-    MSE, so that vanilla is a candidate for ``selected`` too."""
+    states, "off" always a candidate; the grid is the rule's (fixed steps, or Polyak
+    fractions). Recorded by :func:`protocol.record_tuning`."""
     train = data.noisy[data.validation]
     net.inner_steps = steps
-    result = tune_inner_lr(
+    return tune_inner_lr(
         net,
         train[:, 0],
         train[:, 1:],
         candidates=CANDIDATES if net.step_rule == "fixed" else None,
         forward=lambda n, x: rollout(n, x, data),
     )
-    if out is not None:
-        out["val"].setdefault("vanilla", float(result.untailored))
-    return protocol.tuned_step(result)
 
 
 def projected(field: nn.Module, g: nn.Module, starts: Tensor, data: Data) -> Tensor:
@@ -323,12 +316,12 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
     for name in EMBEDDINGS:
         net = tailored_field(vanilla, gs[name], data.dt, 0.1)
         row = f"testtime_{name}"
-        out["lr"][row], out["val"][row], out["start"][row] = tune(net, data, out=out)
+        protocol.record_tuning(out, row, tune(net, data), untailored="vanilla")
         score(row, rollout(net, starts, data))
         polyak = tailored_field(vanilla, gs[name], data.dt, 1.0)
         polyak.step_rule = "polyak"  # scale-free: γ, the fraction of the loss a step removes
         prow = f"polyak_{name}"
-        out["lr"][prow], out["val"][prow], out["start"][prow] = tune(polyak, data, out=out)
+        protocol.record_tuning(out, prow, tune(polyak, data), untailored="vanilla")
         score(prow, rollout(polyak, starts, data))
         if cfg.test_steps and name == "oracle":
             for control in ("none", "backtrack"):
@@ -355,7 +348,7 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
             cfg.meta_steps,
             f"seed {seed} {row}",
         )
-        out["lr"][row], out["val"][row], out["start"][row] = tune(net, data)
+        protocol.record_tuning(out, row, tune(net, data))
         score(row, rollout(net, starts, data))
         score(f"{row}_untailored", rollout(net.model.step, starts, data))
         if name == "learned":
@@ -371,7 +364,7 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
         cfg.meta_steps,
         f"seed {seed} {row}",
     )
-    out["lr"][row], out["val"][row], out["start"][row] = tune(net, data)
+    protocol.record_tuning(out, row, tune(net, data))
     score(row, rollout(net, starts, data))
     out["g"][row] = net.embedding
     return out
@@ -550,6 +543,9 @@ def summarise(
         "threads": args.threads,
         "inner_lr": inner_lr,
         "selected": selected,
+        "spearman_val_test": protocol.rank_agreement(
+            runs, rows, [r for r, v in inner_lr.items() if v is not None]
+        ),
         "rows": rows,
         "embeddings": embeddings,
         "formula": {"text": _formula_text(system, coefficients), "coefficients": coefficients},

@@ -300,7 +300,13 @@ def summarise_runs(
         if row in runs[0]["lr"]:
             rows[row]["inner_lr_per_seed"] = [r["lr"][row] for r in runs]
             inner_lr[row] = float(np.mean(rows[row]["inner_lr_per_seed"]))
-    return rows, inner_lr, select_row(val)
+    per_sequence = None
+    if all("val_seq" in r for r in runs):
+        per_sequence = {
+            row: np.concatenate([np.asarray(r["val_seq"][row], dtype=np.float64) for r in runs])
+            for row in runs[0]["val_seq"]
+        }
+    return rows, inner_lr, select_row(val, per_sequence)
 
 
 def pearson(a: Tensor, b: Tensor) -> float:
@@ -340,11 +346,67 @@ def tuned_step(result: Any) -> tuple[float, float, float]:
     return float(result.best), float(result.losses[result.best]), float(result.best)
 
 
-def select_row(validation: Mapping[str, float]) -> str:
-    """The row a training-data rule picks: the lowest validation error, among every row scored
-    on validation, vanilla included where the example scores it (then tailoring must beat the
-    plain model on validation to be recommended); ties go to vanilla."""
-    return min(validation, key=lambda r: (validation[r], r != "vanilla"))
+def select_row(
+    validation: Mapping[str, float], per_sequence: Mapping[str, np.ndarray] | None = None
+) -> str:
+    """The row a training-data rule picks, among every row scored on validation (vanilla
+    included where the example scores it): the lowest validation error; with ``per_sequence``
+    validation errors (paired: the same validation sequences, in the same order, for every row),
+    vanilla unless that row beats it by more than the paired standard error (the rule the
+    library's tuning applies to every step). Ties go to vanilla."""
+    best = min(validation, key=lambda r: (validation[r], r != "vanilla"))
+    if per_sequence is None or best == "vanilla" or "vanilla" not in per_sequence:
+        return best
+    if best not in per_sequence:
+        return best
+    diff = per_sequence[best] - per_sequence["vanilla"]
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else math.inf
+    return best if -float(diff.mean()) > se else "vanilla"
+
+
+def record_tuning(
+    out: dict[str, Any], row: str, result: Any, *, untailored: str | None = None
+) -> None:
+    """Store a ``tune_inner_lr`` result for ``row`` in a run's ``out``: its step, validation
+    error and start step (:func:`tuned_step`) and its per-sequence validation errors
+    (``val_seq``). ``untailored``: the row the tailored model is without tailoring (vanilla for
+    test-time rows); its validation scores are recorded too, once, so it competes for
+    ``selected``."""
+    out["lr"][row], out["val"][row], out["start"][row] = tuned_step(result)
+    out.setdefault("val_seq", {})[row] = tuned_scores(result)
+    if untailored is not None and untailored not in out["val"]:
+        out["val"][untailored] = float(result.untailored)
+        out["val_seq"][untailored] = [float(v) for v in result.per_sequence[None]]
+
+
+def tuned_scores(result: Any) -> list[float]:
+    """Every validation sequence's loss under a ``tune_inner_lr`` result's outcome (the chosen
+    step, or the untailored model where tuning switched tailoring off): the paired scores
+    :func:`select_row` compares rows with."""
+    return [float(v) for v in result.chosen_scores()]
+
+
+def rank_agreement(
+    runs: Sequence[Mapping[str, Any]], rows: Mapping[str, Mapping[str, Any]], noether: Sequence[str]
+) -> dict[str, float | None]:
+    """Per data seed, the Spearman correlation between the ``noether`` rows' validation errors
+    and their test ratios to vanilla: whether validation ranks rows as the test does (None with
+    fewer than 3 rows, or a constant column)."""
+    from noether_wrap.validation import spearman
+
+    seeds = sorted({r.get("data_seed", 0) for r in runs})
+    out: dict[str, float | None] = {}
+    for i, seed in enumerate(seeds):
+        mine = [r for r in runs if r.get("data_seed", 0) == seed]
+        names = [n for n in noether if n in mine[0]["val"] and n in rows]
+        if len(names) < 3:
+            out[str(seed)] = None
+            continue
+        val = torch.tensor([float(np.mean([r["val"][n] for r in mine])) for n in names])
+        test = torch.tensor([float(rows[n]["per_data_seed"][i]) for n in names])
+        rho = float(spearman(val, test))
+        out[str(seed)] = None if math.isnan(rho) else rho
+    return out
 
 
 def print_table(

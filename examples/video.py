@@ -44,7 +44,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
-from noether_wrap import NoetherWrapper, Rollout, fit_conserved, tune_inner_lr  # noqa: E402
+from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr  # noqa: E402
 from noether_wrap.embeddings import ConvEmbedding, Standardized  # noqa: E402
 
 SIZE, OBSERVED, HORIZON, DT, K_SPRING, SIGMA = 32, 2, 10, 0.15, 1.0, 3.0
@@ -307,14 +307,15 @@ def predict(net: nn.Module, clips: Clips, chunk: int = 32) -> Tensor:
     return torch.cat(outs)
 
 
-def tune(net: NoetherWrapper, valid: Clips) -> tuple[float, float, float]:
-    """``tune_inner_lr`` on the validation clips: the step (0.0: off), its validation MSE and
-    the best candidate (:func:`protocol.tuned_step`)."""
+def tune(net: NoetherWrapper, valid: Clips) -> TuneResult:
+    """``tune_inner_lr`` on the validation clips, "off" always a candidate; the grid is the
+    wrapper's rule's."""
     frames = valid.frames
+    candidates = CANDIDATES if net.step_rule == "fixed" else None
     result = tune_inner_lr(
-        net, frames[:, :OBSERVED], frames[:, OBSERVED:], candidates=CANDIDATES, chunk=32
+        net, frames[:, :OBSERVED], frames[:, OBSERVED:], candidates=candidates, chunk=32
     )
-    return protocol.tuned_step(result)
+    return result
 
 
 def per_clip(pred: Tensor, clips: Clips) -> tuple[np.ndarray, dict[str, Any]]:
@@ -394,14 +395,20 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
     for name, g in (("oracle", oracle), ("learned", learned)):
         net = wrap(copy.deepcopy(step), g, 1.0)
         row = f"testtime_{name}"
-        out["lr"][row], out["val"][row], out["start"][row] = tune(net, valid)
+        protocol.record_tuning(out, row, tune(net, valid), untailored="vanilla")
         score(row, net)
+        polyak = wrap(copy.deepcopy(step), g, 1.0)
+        polyak.step_rule = "polyak"  # scale-free: no clip, so γ is the fraction removed
+        polyak.max_inner_grad_norm = None
+        row = f"polyak_{name}"
+        protocol.record_tuning(out, row, tune(polyak, valid), untailored="vanilla")
+        score(row, polyak)
 
     row = "meta_learned_frozen"
     net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["start"]["testtime_learned"], True)
     # only g and the step optimised, clipped and checked; the predictor frozen
     train(net, [list(net.tailoring_parameters())], train_clips, cfg.meta, cfg, seed + 2, row)
-    out["lr"][row], out["val"][row], out["start"][row] = tune(net, valid)
+    protocol.record_tuning(out, row, tune(net, valid))
     score(row, net)
     score(f"{row}_untailored", net.model)
     out["g"][row] = (net.embedding, r_init)
@@ -409,7 +416,7 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
     net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["start"]["testtime_learned"], True)
     # the predictor clipped on its own as control's is, g on its own: comparable predictor steps
     out["seconds"] = train(net, clip_groups(net), train_clips, cfg.meta, cfg, seed + 2, row)
-    out["lr"][row], out["val"][row], out["start"][row] = tune(net, valid)
+    protocol.record_tuning(out, row, tune(net, valid))
     score(row, net)
     score(f"{row}_untailored", net.model)
     out["g"][row] = (net.embedding, r_init)
@@ -524,6 +531,9 @@ def main() -> None:
         "metric": "RMSE over the 10 predicted frames of the test clips",
         "inner_lr": inner_lr,
         "selected": selected,
+        "spearman_val_test": protocol.rank_agreement(
+            runs, rows, [r for r, v in inner_lr.items() if v is not None]
+        ),
         "rows": rows,
         "embeddings": embeddings,
         "seconds_per_meta_step": statistics.fmean(r["seconds"] for r in runs),

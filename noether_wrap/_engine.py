@@ -6,6 +6,7 @@ to do, and the warnings a user must see. :class:`~noether_wrap.NoetherWrapper` i
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from noether_wrap import _inner
-from noether_wrap._inner import Affine, Call, InnerResult, Params, Progress
+from noether_wrap._inner import Affine, Call, InnerResult, Params, Progress, hooked_copy
 from noether_wrap._options import Options
 from noether_wrap._warn import warn
 from noether_wrap.loss import as_reference_frames, per_sequence_noether_loss
@@ -498,3 +499,34 @@ def _one_by_one(
         torch.cat([p.ok for p in parts]),
         {n: torch.stack([f[n] for f in found]) for n in found[0]},
     )
+
+
+def tailored_model(
+    net: NoetherWrapper,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    index: int | None,
+) -> nn.Module:
+    """A plain copy of the model with sequence ``index``'s tailored weights (see
+    :meth:`NoetherWrapper.tailored_model`)."""
+    params = tailor(net, inputs, args, kwargs, per_sequence=True)
+    batch = inputs.shape[0]
+    differ = net.options.per_sample or net.options.keep_if_better
+    if index is None and batch != 1 and differ:
+        raise ValueError(
+            f"`index` is required for a batch of {batch}: each sequence's tailored weights "
+            "can differ (per_sample, or keep_if_better)."
+        )
+    i = 0 if index is None else index
+    if not -batch <= i < batch:
+        raise ValueError(f"`index` must be in [{-batch}, {batch}), got {index}.")
+    one = {n: p[i].detach() for n, p in params.items()}
+    adapt = net.options.adapt
+    if isinstance(adapt, Affine):
+        return hooked_copy(net.model, adapt, {n: p.reshape(-1) for n, p in one.items()})
+    model = copy.deepcopy(net.model)
+    with torch.no_grad():
+        for name, value in one.items():
+            model.get_parameter(name).copy_(value)
+    return model

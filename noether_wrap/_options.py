@@ -8,6 +8,7 @@ way the constructor does, instead of running as something else.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -104,3 +105,34 @@ class Options:
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Options))
+
+
+def select_adapted(adapt: AdaptSpec, model: nn.Module) -> list[str]:
+    """Names of the parameters of ``model`` that ``adapt`` selects, in ``named_parameters``
+    order (empty for an :class:`~noether_wrap.Affine`, once it is checked to match a module).
+
+    Raises:
+        ValueError: ``adapt`` selects no parameter (or an Affine matches no module).
+    """
+    named = list(model.named_parameters())
+    if isinstance(adapt, Affine):
+        if not adapt.modules(model):
+            names = [n for n, _ in model.named_modules() if n]
+            raise ValueError(
+                f"`adapt` (={adapt!r}) matches no module of `model`; its modules are: "
+                f"{', '.join(names[:8]) or 'none'}{', ...' if len(names) > 8 else ''}."
+            )
+        return []
+    if adapt is None:
+        names = [n for n, p in named if p.requires_grad]
+    elif isinstance(adapt, str):
+        names = [n for n, _ in named if fnmatch.fnmatchcase(n, adapt)]
+    else:
+        names = [n for n, p in named if adapt(n, p)]
+    if not names:
+        available = ", ".join(n for n, _ in named[:8]) or "none"
+        raise ValueError(
+            f"`adapt` (={adapt!r}) selects no parameter of `model`; its parameters are: "
+            f"{available}{', ...' if len(named) > 8 else ''}."
+        )
+    return names

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from noether_wrap._warn import warn
+
 if TYPE_CHECKING:
     from noether_wrap.wrapper import NoetherWrapper
 
@@ -88,6 +90,9 @@ class TuneResult(NamedTuple):
         inner_steps: the ``k`` the candidates were scored with (the wrapper's, or 1 if it was 0).
         step_rule: the rule the candidates were scored with (the wrapper's).
         sequences: how many sequences each mean is over.
+        per_sequence: ``{candidate: (sequences,)}`` every sequence's loss, with the key
+            ``None`` for "no tailoring": what a caller needs to compare configurations (or
+            whole models) on the same sequences with a paired rule.
     """
 
     best: float | None
@@ -97,6 +102,11 @@ class TuneResult(NamedTuple):
     inner_steps: int = 1
     step_rule: str = "fixed"
     sequences: int = 0
+    per_sequence: dict[float | None, Tensor] = {}
+
+    def chosen_scores(self) -> Tensor:
+        """``(sequences,)``: every sequence's loss under the outcome (the winner, or "off")."""
+        return self.per_sequence[self.best]
 
     def table(self) -> str:
         """Every configuration with its mean loss and its difference to "off" ± paired SE."""
@@ -225,6 +235,8 @@ def tune_inner_lr(
     winner = _finish(net, search, off, scored, configs)
     means = {c.step: m for c, (m, _, _) in scored.items()}
     ses = {c.step: s for c, (_, s, _) in scored.items()}
+    per_sequence: dict[float | None, Tensor] = {None: off}
+    per_sequence.update({c.step: search.per_sequence[c] for c in configs})
     return TuneResult(
         None if winner is None else winner.step,
         means,
@@ -233,6 +245,7 @@ def tune_inner_lr(
         k,
         rule,
         off.shape[0],
+        per_sequence,
     )
 
 
@@ -381,6 +394,8 @@ class _Search:
         self.original_steps = net.inner_steps
         self.original_rule = _current_rule(net)
         self.original_lr = net.log_inner_lr.detach().clone()
+        #: Every scored configuration's per-sequence losses.
+        self.per_sequence: dict[TuneConfig, Tensor] = {}
 
     def run(
         self, configs: list[TuneConfig]
@@ -400,6 +415,7 @@ class _Search:
             for config in configs:
                 _apply(self.net, config)
                 losses = self.evaluate()
+                self.per_sequence[config] = losses
                 nonfinite = int((~torch.isfinite(losses)).sum())
                 if nonfinite:
                     scored[config] = (float(losses.mean()), math.nan, nonfinite)
@@ -476,11 +492,10 @@ def _finish(
     broken = [c for c in configs if scored[c][2]]
     if broken:
         names = ", ".join(f"{c.label()} ({scored[c][2]} of {n} sequences)" for c in broken)
-        warnings.warn(
+        warn(
             f"tuning: non-finite loss for {names}; never chosen. A smaller step, "
             "`max_inner_grad_norm` or the 'polyak' rule may help.",
             TuningWarning,
-            stacklevel=3,
         )
     finite = [c for c in configs if not scored[c][2]]
     best = min(finite, key=lambda c: scored[c][0]) if finite else None
@@ -492,12 +507,11 @@ def _finish(
             steps = sorted({c.step for c in configs if c.step_rule == best.step_rule})
             if len(steps) > 1 and best.step in (steps[0], steps[-1]):
                 side = "smallest" if best.step == steps[0] else "largest"
-                warnings.warn(
+                warn(
                     f"tuning: the chosen step {best.step:g} is the {side} {best.step_rule!r} "
                     f"candidate ({best.label()}): the grid may be too narrow; try steps "
                     f"{'below' if side == 'smallest' else 'above'} it.",
                     TuningWarning,
-                    stacklevel=3,
                 )
             return best
     net.inner_steps = 0
@@ -511,11 +525,10 @@ def _finish(
             f"{mean:.4g} vs {untailored:.4g} untailored, difference {mean - untailored:+.3g} "
             f"± {se:.3g} (paired standard error over {n} sequences)"
         )
-    warnings.warn(
+    warn(
         f"tuning: {why}; the wrapper is set to inner_steps=0 and is now exactly the model.\n"
         + _table(untailored, rows, None, n),
         TailoringDoesNotHelp,
-        stacklevel=3,
     )
     return None
 

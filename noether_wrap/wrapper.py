@@ -7,8 +7,6 @@ The class is a facade: it holds the model, the embedding, the step size and the 
 
 from __future__ import annotations
 
-import copy
-import fnmatch
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -23,7 +21,6 @@ from noether_wrap._checks import (
     check_int,
     check_positive_float,
 )
-from noether_wrap._inner import Affine, hooked_copy
 from noether_wrap._options import (
     OPTION_NAMES,
     AdaptSpec,
@@ -31,6 +28,7 @@ from noether_wrap._options import (
     PerSamplePath,
     StepControl,
     StepRule,
+    select_adapted,
 )
 from noether_wrap._warn import warn
 from noether_wrap.loss import Distance, LossForm
@@ -277,28 +275,7 @@ class NoetherWrapper(nn.Module):
         Raises:
             ValueError: ``adapt`` selects no parameter (or an Affine matches no module).
         """
-        adapt, named = self.options.adapt, list(self.model.named_parameters())
-        if isinstance(adapt, Affine):
-            if not adapt.modules(self.model):
-                names = [n for n, _ in self.model.named_modules() if n]
-                raise ValueError(
-                    f"`adapt` (={adapt!r}) matches no module of `model`; its modules are: "
-                    f"{', '.join(names[:8]) or 'none'}{', ...' if len(names) > 8 else ''}."
-                )
-            return []
-        if adapt is None:
-            names = [n for n, p in named if p.requires_grad]
-        elif isinstance(adapt, str):
-            names = [n for n, _ in named if fnmatch.fnmatchcase(n, adapt)]
-        else:
-            names = [n for n, p in named if adapt(n, p)]
-        if not names:
-            available = ", ".join(n for n, _ in named[:8]) or "none"
-            raise ValueError(
-                f"`adapt` (={adapt!r}) selects no parameter of `model`; its parameters are: "
-                f"{available}{', ...' if len(named) > 8 else ''}."
-            )
-        return names
+        return select_adapted(self.options.adapt, self.model)
 
     def forward(
         self,
@@ -388,23 +365,4 @@ class NoetherWrapper(nn.Module):
             ``tailored_model(x, index=i)(x[i:i+1])`` equals ``net(x)[i:i+1]``.
         """
         self._check(inputs)
-        params = _engine.tailor(self, inputs, args, kwargs, per_sequence=True)
-        batch = inputs.shape[0]
-        differ = self.options.per_sample or self.options.keep_if_better
-        if index is None and batch != 1 and differ:
-            raise ValueError(
-                f"`index` is required for a batch of {batch}: each sequence's tailored weights "
-                "can differ (per_sample, or keep_if_better)."
-            )
-        i = 0 if index is None else index
-        if not -batch <= i < batch:
-            raise ValueError(f"`index` must be in [{-batch}, {batch}), got {index}.")
-        one = {n: p[i].detach() for n, p in params.items()}
-        adapt = self.options.adapt
-        if isinstance(adapt, Affine):
-            return hooked_copy(self.model, adapt, {n: p.reshape(-1) for n, p in one.items()})
-        model = copy.deepcopy(self.model)
-        with torch.no_grad():
-            for name, value in one.items():
-                model.get_parameter(name).copy_(value)
-        return model
+        return _engine.tailored_model(self, inputs, args, kwargs, index)

@@ -181,6 +181,7 @@ def test_ising_quick_json(tmp_path: Path) -> None:
     check_protocol_report(report, "ising")
     rows = report["rows"]
     expected = {"vanilla", "control", "projection", "testtime_oracle", "testtime_learned"}
+    expected |= {"polyak_oracle", "polyak_learned"}
     expected |= {"testtime_oracle_bias", "meta_oracle", "meta_learned", "meta_learned_frozen"}
     expected |= {"meta_oracle_untailored", "meta_learned_untailored"}
     expected |= {"meta_learned_frozen_untailored"}
@@ -225,6 +226,7 @@ def test_video_quick_json(tmp_path: Path) -> None:
     check_protocol_report(report, "video")
     rows = report["rows"]
     expected = {"vanilla", "control", "testtime_oracle", "testtime_learned", "expert_physics"}
+    expected |= {"polyak_oracle", "polyak_learned"}
     expected |= {"meta_learned", "meta_learned_untailored"}
     expected |= {"meta_learned_frozen", "meta_learned_frozen_untailored"}
     assert set(rows) == expected
