@@ -607,6 +607,21 @@ def write_json(
     return parsed
 
 
+def steps_cell(per_run: Sequence[float] | None, mean: float | None) -> str:
+    """The steps the runs of a row used, as they were chosen (never their average, which no run
+    used): ``0.1`` when every run chose it, else each value with its count, ``off`` for a
+    tailoring switched off (step 0)."""
+    if not per_run:
+        return "—" if mean is None else f"{mean:.3g}"
+    counts: dict[str, int] = {}
+    for value in per_run:
+        key = "off" if value is None or value == 0 else f"{value:.3g}"
+        counts[key] = counts.get(key, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{k}×{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def markdown_table(
     report: Mapping[str, Any], extra_columns: Sequence[tuple[str, str, str]] = ()
 ) -> str:
@@ -630,7 +645,7 @@ def markdown_table(
             _num(m["median_ratio"], ".3f"),
             f"{m['improved']}/{m['n_test']}",
             _num(m["worst_share"], ".2f"),
-            "—" if step is None else f"{step:.3g}",
+            steps_cell(m.get("inner_lr_per_seed"), step),
         ]
         if per_data_seed:
             values = m.get("per_data_seed")

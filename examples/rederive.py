@@ -48,6 +48,11 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("energy_error", "E error", ".4f"),
     ],
     "video": [("mse_last", "last MSE", ".5f"), ("ssim", "SSIM", ".3f")],
+    "real_pendulum": [
+        ("whole_ratio", "whole", ".3f"),
+        ("validation_error", "val MSE", ".3g"),
+        ("energy_change", "ΔE / window", "+.3f"),
+    ],
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 

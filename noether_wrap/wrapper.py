@@ -21,6 +21,7 @@ from noether_wrap._checks import (
     check_int,
     check_positive_float,
 )
+from noether_wrap._inner import InnerResult
 from noether_wrap._options import (
     OPTION_NAMES,
     AdaptSpec,
@@ -184,8 +185,8 @@ class NoetherWrapper(nn.Module):
             warn(
                 "NoetherWrapper: `model` is a torch.compile'd module, whose compiled code does not "
                 "see the swapped-in adapted weights; the wrapper tailors the original module "
-                "(`model._orig_mod`) instead. To compile, compile the wrapper: "
-                "torch.compile(NoetherWrapper(model, ...))."
+                "(`model._orig_mod`) instead (tailoring runs eagerly inside torch.compile; see "
+                "docs/performance.md)."
             )
             model = compiled
         self.model = model
@@ -305,7 +306,7 @@ class NoetherWrapper(nn.Module):
         if steps == 0:
             return _engine.untailored(self, inputs, args, kwargs, return_info)
         keep = self.options.keep_if_better
-        result = _engine.run_call(
+        result: InnerResult = _engine.run_call(
             self,
             inputs,
             args,
