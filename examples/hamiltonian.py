@@ -5,8 +5,9 @@ share. A :class:`System` holds the physics; ``main(system, doc)`` runs an exampl
 Tailoring is PER STATE: for a state x the inner loss compares g(x) with g(one RK4 step of the
 field from x); one SGD step on the field's weights gives the tailored field f~(x), which the RK4
 rollout evaluates wherever it needs the field. Every step size is chosen by ``tune_inner_lr`` on
-a validation split of the TRAINING trajectories (the 5 with the highest observed start energy:
-rollouts from their noisy starts against their noisy states), per row and seed, and the
+a validation split of the TRAINING trajectories (the 5 with the highest observed start energy,
+cut into 20 windows of 10 steps whose starts are denoised through vanilla, scored against the
+noisy states), per row and seed, and the
 ``selected`` row is the row with the lowest validation error, vanilla included (the untailored
 field scored on the same trajectories), so tailoring is recommended only where it beats the plain
 model on validation. Test-time rows come in both step rules: ``testtime_*`` (a fixed step) and
@@ -44,11 +45,17 @@ import protocol  # noqa: E402
 
 from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr  # noqa: E402
 from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized  # noqa: E402
+from noether_wrap.validation import estimate_starts, window_targets  # noqa: E402
 
 EMBEDDINGS = ("oracle", "formula", "learned")
 CANDIDATES = (0.01, 0.0316, 0.1, 0.316, 1.0)
 T_END, NOISE = 3.0, 0.1
 VALIDATION = 5
+#: Validation units: windows of this many steps, one every ``VAL_STRIDE`` observations, along the
+#: validation trajectories (5 trajectories give 20 windows), each from a start denoised through
+#: vanilla (:func:`noether_wrap.validation.estimate_starts`): the test rolls out from clean starts,
+#: and a noisy start's error swamps what the rows change.
+VAL_WINDOW, VAL_STRIDE = 10, 5
 
 
 @dataclass(frozen=True)
@@ -191,28 +198,40 @@ def tailored_field(
     )
 
 
-def rollout(field: nn.Module, starts: Tensor, data: Data) -> Tensor:
-    """RK4 rollouts over the observed times, ``(n, 2) -> (n, points - 1, 2)``, no autograd."""
+def rollout(field: nn.Module, starts: Tensor, data: Data, steps: int | None = None) -> Tensor:
+    """RK4 rollouts over the observed times, ``(n, 2) -> (n, steps, 2)`` (default
+    ``points - 1``), no autograd."""
+    horizon = data.points - 1 if steps is None else steps
     with torch.no_grad():
-        return Rollout(field, data.points - 1, dt=data.dt, method="rk4")(starts)
+        return Rollout(field, horizon, dt=data.dt, method="rk4")(starts)
+
+
+def validation_set(vanilla: nn.Module, data: Data) -> tuple[Tensor, Tensor]:
+    """``(starts, targets)``, ``(N, 2)`` and ``(N, VAL_WINDOW, 2)``: windows of the validation
+    trajectories (training data), each start fitted through vanilla's rollout to the window's
+    first 3 noisy observations; the targets are the noisy observations."""
+    starts, targets = window_targets(data.noisy[data.validation], VAL_WINDOW, VAL_STRIDE)
+    observed = torch.cat([starts.unsqueeze(1), targets[:, :2]], dim=1)
+    model = Rollout(vanilla, 2, dt=data.dt, method="rk4")
+    return estimate_starts(model, observed, frames=3), targets
 
 
 def per_sequence_mse(pred: Tensor, truth: Tensor) -> np.ndarray:
     return ((pred - truth) ** 2).mean(dim=(1, 2)).double().numpy()
 
 
-def tune(net: NoetherWrapper, data: Data, steps: int = 1) -> TuneResult:
-    """``tune_inner_lr`` on the validation trajectories (training data): noisy starts, noisy
-    states, "off" always a candidate; the grid is the rule's (fixed steps, or Polyak
-    fractions). Recorded by :func:`protocol.record_tuning`."""
-    train = data.noisy[data.validation]
-    net.inner_steps = steps
+def tune(net: NoetherWrapper, val: tuple[Tensor, Tensor], data: Data) -> TuneResult:
+    """``tune_inner_lr`` on the validation windows (:func:`validation_set`, training data),
+    "off" always a candidate; the grid is the rule's (fixed steps, or Polyak fractions).
+    Recorded by :func:`protocol.record_tuning`."""
+    starts, targets = val
+    net.inner_steps = 1
     return tune_inner_lr(
         net,
-        train[:, 0],
-        train[:, 1:],
+        starts,
+        targets,
         candidates=CANDIDATES if net.step_rule == "fixed" else None,
-        forward=lambda n, x: rollout(n, x, data),
+        forward=lambda n, x: rollout(n, x, data, VAL_WINDOW),
     )
 
 
@@ -301,6 +320,7 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
         vanilla.parameters(), lambda: vanilla(x), target, cfg.vanilla_steps, f"seed {seed} vanilla"
     )
     score("vanilla", rollout(vanilla, starts, data))
+    val = validation_set(vanilla, data)
     control = copy.deepcopy(vanilla)
     fit(
         control.parameters(),
@@ -316,12 +336,12 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
     for name in EMBEDDINGS:
         net = tailored_field(vanilla, gs[name], data.dt, 0.1)
         row = f"testtime_{name}"
-        protocol.record_tuning(out, row, tune(net, data), untailored="vanilla")
+        protocol.record_tuning(out, row, tune(net, val, data), untailored="vanilla")
         score(row, rollout(net, starts, data))
         polyak = tailored_field(vanilla, gs[name], data.dt, 1.0)
         polyak.step_rule = "polyak"  # scale-free: γ, the fraction of the loss a step removes
         prow = f"polyak_{name}"
-        protocol.record_tuning(out, prow, tune(polyak, data), untailored="vanilla")
+        protocol.record_tuning(out, prow, tune(polyak, val, data), untailored="vanilla")
         score(prow, rollout(polyak, starts, data))
         if cfg.test_steps and name == "oracle":
             for control in ("none", "backtrack"):
@@ -330,7 +350,7 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
                 curve_net = tailored_field(vanilla, gs[name], data.dt, step)
                 curve_net.step_control = control
                 out.setdefault("curve", {})[f"oracle_{control}"] = test_time_curve(
-                    curve_net, data, cfg.test_steps
+                    curve_net, data, cfg.test_steps, val
                 )
 
     if not cfg.meta:
@@ -348,7 +368,7 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
             cfg.meta_steps,
             f"seed {seed} {row}",
         )
-        protocol.record_tuning(out, row, tune(net, data))
+        protocol.record_tuning(out, row, tune(net, val, data))
         score(row, rollout(net, starts, data))
         score(f"{row}_untailored", rollout(net.model.step, starts, data))
         if name == "learned":
@@ -364,26 +384,32 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
         cfg.meta_steps,
         f"seed {seed} {row}",
     )
-    protocol.record_tuning(out, row, tune(net, data))
+    protocol.record_tuning(out, row, tune(net, val, data))
     score(row, rollout(net, starts, data))
     out["g"][row] = net.embedding
     return out
 
 
-def test_time_curve(net: NoetherWrapper, data: Data, ks: list[int]) -> dict[str, Any]:
+def test_time_curve(
+    net: NoetherWrapper, data: Data, ks: list[int], val: tuple[Tensor, Tensor]
+) -> dict[str, Any]:
     """Error against k at test time, the step fixed at the one tuned for k = 1 (plain or
     backtracking steps, as ``net.step_control`` says): test errors, validation error, seconds."""
     lr = net.inner_lr
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
-    train = data.noisy[data.validation]
+    val_starts, val_targets = val
     curve: dict[str, Any] = {}
     for k in ks:
         net.inner_steps = k
         t0 = time.perf_counter()
         pred = rollout(net, starts, data)
         seconds = time.perf_counter() - t0
-        val = float(((rollout(net, train[:, 0], data) - train[:, 1:]) ** 2).mean())
-        curve[str(k)] = {"err": per_sequence_mse(pred, truth), "val": val, "seconds": seconds}
+        val_pred = rollout(net, val_starts, data, VAL_WINDOW)
+        curve[str(k)] = {
+            "err": per_sequence_mse(pred, truth),
+            "val": float(((val_pred - val_targets) ** 2).mean()),
+            "seconds": seconds,
+        }
     net.inner_steps = 1
     assert net.inner_lr == lr
     return curve
