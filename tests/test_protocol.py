@@ -221,3 +221,38 @@ def test_rederive_skips_json_that_is_not_a_report(tmp_path: Path) -> None:
     path = tmp_path / "compat.json"
     path.write_text(json.dumps({"threads": 1}))
     assert rederive.main([str(path)]) == 0
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _committed_reports() -> dict[str, dict]:  # type: ignore[type-arg]
+    reports = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        report = json.loads(path.read_text())
+        if rederive.is_report(report) and "raw" in report:
+            reports[path.stem] = report
+    return reports
+
+
+def test_committed_results_rederive_from_their_raw_errors() -> None:
+    """Every committed JSON that carries raw errors reproduces its own figures from them."""
+    reports = _committed_reports()
+    assert reports, "no committed results JSON carries raw errors"
+    for name, report in reports.items():
+        assert rederive.mismatches(report) == [], name
+
+
+def test_docs_tables_are_the_rederived_ones(tmp_path: Path) -> None:
+    """Every ``<!-- table:NAME -->`` block in docs/ and README.md is what rederive writes from
+    docs/results/NAME.json: prose and numbers cannot drift."""
+    reports = _committed_reports()
+    pages = [*sorted(DOCS.glob("*.md")), DOCS.parent / "README.md"]
+    marked = [p for p in pages if "<!-- table:" in p.read_text()]
+    copies = []
+    for page in marked:
+        copy = tmp_path / page.name
+        copy.write_text(page.read_text())
+        copies.append(copy)
+    assert rederive.write_docs(copies, reports) == []
