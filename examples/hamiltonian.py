@@ -6,7 +6,7 @@ Tailoring is PER STATE: for a state x the inner loss compares g(x) with g(one RK
 field from x); one SGD step on the field's weights gives the tailored field f~(x), which the RK4
 rollout evaluates wherever it needs the field. Every step size is chosen by ``tune_inner_lr`` on
 a validation split of the TRAINING trajectories (the 5 with the highest observed start energy,
-cut into 20 windows of 10 steps whose starts are denoised through vanilla, scored against the
+cut into 35 windows of 10 steps whose starts are denoised through vanilla, scored against the
 noisy states), per row and seed, and the
 ``selected`` row is the row with the lowest validation error, vanilla included (the untailored
 field scored on the same trajectories), so tailoring is recommended only where it beats the plain
@@ -52,7 +52,7 @@ CANDIDATES = (0.01, 0.0316, 0.1, 0.316, 1.0)
 T_END, NOISE = 3.0, 0.1
 VALIDATION = 5
 #: Validation units: windows of this many steps, one every ``VAL_STRIDE`` observations, along the
-#: validation trajectories (5 trajectories give 20 windows), each from a start denoised through
+#: validation trajectories (45 points and 5 trajectories give 35 windows), each from a start denoised through
 #: vanilla (:func:`noether_wrap.validation.estimate_starts`): the test rolls out from clean starts,
 #: and a noisy start's error swamps what the rows change.
 VAL_WINDOW, VAL_STRIDE = 10, 5

@@ -52,6 +52,7 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("whole_ratio", "whole", ".3f"),
         ("validation_error", "val MSE", ".3g"),
         ("energy_change", "ΔE / window", "+.3f"),
+        ("cost_ratio", "cost", ".0f"),
     ],
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
