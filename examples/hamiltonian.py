@@ -52,9 +52,9 @@ CANDIDATES = (0.01, 0.0316, 0.1, 0.316, 1.0)
 T_END, NOISE = 3.0, 0.1
 VALIDATION = 5
 #: Validation units: windows of this many steps, one every ``VAL_STRIDE`` observations, along the
-#: validation trajectories (45 points and 5 trajectories give 35 windows), each from a start denoised through
-#: vanilla (:func:`noether_wrap.validation.estimate_starts`): the test rolls out from clean starts,
-#: and a noisy start's error swamps what the rows change.
+#: validation trajectories (45 points and 5 trajectories give 35 windows), each from a start
+#: denoised through vanilla (:func:`noether_wrap.validation.estimate_starts`): the test rolls out
+#: from clean starts, and a noisy start's error swamps what the rows change.
 VAL_WINDOW, VAL_STRIDE = 10, 5
 
 
