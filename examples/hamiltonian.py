@@ -301,15 +301,7 @@ def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> 
     x_fit = data.noisy[data.fit].reshape(-1, 2)
     target_fit = data.system.field(data.clean[data.fit].reshape(-1, 2))
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
-    out: dict[str, Any] = {
-        "err": {},
-        "pred": {},
-        "lr": {},
-        "start": {},
-        "val": {},
-        "seconds": {},
-        "g": {},
-    }
+    out = protocol.new_run()
 
     def score(row: str, pred: Tensor) -> None:
         out["pred"][row] = pred

@@ -19,8 +19,9 @@ pretrained with fit_conserved); testtime_oracle_bias (10 steps on control's outp
 meta_oracle, meta_learned (the base rollout model meta-trained jointly), meta_learned_frozen (g
 and the step meta-trained on top of control, which stays frozen), each also untailored. Every
 step size is chosen by tune_inner_lr on validation trajectories carved from the training set
-(10 % of them, used for nothing else); ``selected`` is the Noether row with the lowest
-validation error.
+(10 % of them, used for nothing else). Vanilla, control and projection are scored on the same
+validation trajectories, so ``selected`` is chosen among every row: the lowest validation error,
+kept only if it beats vanilla by more than the paired standard error (protocol.select_row).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import protocol  # noqa: E402
 
 from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr  # noqa: E402
 from noether_wrap.embeddings import Standardized  # noqa: E402
+from noether_wrap.tuning import per_sequence_mse  # noqa: E402
 
 CANDIDATES = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1, 0.316, 1.0)
 
@@ -317,6 +319,19 @@ def tune(net: NoetherWrapper, data: Data) -> TuneResult:
     return result
 
 
+def validation_scores(net: nn.Module, data: Data, chunk: int = 16) -> Tensor:
+    """Per-trajectory validation MSEs ``(n_valid,)`` of an untuned row (vanilla, projection):
+    the score :func:`tune` gives every tuned row, so all rows compete for ``selected``."""
+    x0 = data.valid[:, 0].unsqueeze(1)
+    target = data.valid[:, 1:].unsqueeze(2)
+    horizon = _horizon(net)
+    _set_horizon(net, 10)
+    with torch.no_grad():
+        pred = torch.cat([net(x0[i : i + chunk]) for i in range(0, x0.shape[0], chunk)])
+    _set_horizon(net, horizon)
+    return per_sequence_mse(pred, target)
+
+
 def _rollout_of(net: nn.Module) -> Rollout:
     inner = net.model if isinstance(net, (NoetherWrapper, Projected)) else net
     inner = inner.model if isinstance(inner, Projected) else inner
@@ -396,15 +411,7 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
     """Every row for one model seed: per-start MSEs, drifts, chosen steps, validation errors."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, Any] = {
-        "err": {},
-        "extra": {},
-        "lr": {},
-        "start": {},
-        "val": {},
-        "g": {},
-        "pred": {},
-    }
+    out = protocol.new_run()
 
     def score(row: str, net: nn.Module) -> None:
         pred = predict(net, data)
@@ -415,7 +422,9 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
     parity = data.dynamics == "q2r"
     step = LatticeStep(parity=parity)
     train_one_step(step, data, cfg.one_step, 64, gen, f"seed {seed} vanilla")
-    score("vanilla", Rollout(step, horizon=10))
+    vanilla = Rollout(step, horizon=10)
+    score("vanilla", vanilla)
+    protocol.record_validation(out, "vanilla", validation_scores(vanilla, data))
     base = Rollout(copy.deepcopy(step), horizon=10)  # what every meta row starts from
     train_rollout(base, clip_groups(base), data, cfg.rollout, cfg.batch, seed, f"seed {seed} base")
     control = copy.deepcopy(base)  # + the meta rows' steps on their batches: compute-matched
@@ -424,6 +433,7 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
     )
     score("control", control)
     score("projection", Projected(control))
+    protocol.record_validation(out, "projection", validation_scores(Projected(control), data))
 
     conserved = mean_spin if data.dynamics == "kawasaki" else bond_energy
     train_states = data.train.unsqueeze(2)  # (n, 11, 1, L, L)

@@ -364,6 +364,22 @@ def select_row(
     return best if -float(diff.mean()) > se else "vanilla"
 
 
+def new_run() -> dict[str, Any]:
+    """An empty record for one (data seed, model seed) run: per-sequence test errors (``err``),
+    extra metrics, tuned steps (``lr``), start steps, validation errors (``val``, ``val_seq``),
+    embeddings, predictions and seconds, each ``{row: value}``."""
+    keys = ("err", "extra", "lr", "start", "val", "val_seq", "g", "pred", "seconds")
+    return {key: {} for key in keys}
+
+
+def record_validation(out: dict[str, Any], row: str, per_sequence: Sequence[float]) -> None:
+    """Store the per-sequence validation errors of a row that is not tuned (vanilla, a
+    projection): it competes for ``selected`` on the same sequences as the tuned rows."""
+    scores = [float(v) for v in per_sequence]
+    out["val"][row] = float(np.mean(scores))
+    out.setdefault("val_seq", {})[row] = scores
+
+
 def record_tuning(
     out: dict[str, Any], row: str, result: Any, *, untailored: str | None = None
 ) -> None:

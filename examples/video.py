@@ -347,15 +347,7 @@ def embedding_metrics(g: nn.Module, clips: Clips, r_init: float | None) -> dict[
 
 def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Settings) -> dict:  # type: ignore[type-arg]
     torch.manual_seed(seed)
-    out: dict[str, Any] = {
-        "err": {},
-        "extra": {},
-        "lr": {},
-        "start": {},
-        "val": {},
-        "g": {},
-        "pred": {},
-    }
+    out = protocol.new_run()
 
     def score(row: str, net: nn.Module) -> None:
         pred = predict(net, test)
