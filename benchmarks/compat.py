@@ -6,13 +6,14 @@ docs/compatibility.md, and the affine path against the batch-shared step.
 
 Every cell: median wall time of a training step (forward, MSE backward, SGD step) over
 interleaved repetitions, at k = 1, as a ratio to the unwrapped model's step on the same batch.
-Thread count: 2 unless --threads says otherwise.
+One thread unless --threads says otherwise. The JSON keeps every repetition's seconds and the
+provenance (torch version, threads, commit, command line); docs/performance.md's wrapped/unwrapped
+table is generated from it by examples/rederive.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import protocol  # noqa: E402
 from test_affine import _Seq2Seq, _Transformer  # noqa: E402
 
 from noether_wrap import Affine, NoetherWrapper, Rollout  # noqa: E402
@@ -72,7 +75,8 @@ def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[
     return run
 
 
-def _time(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+def _time(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
+    """Every repetition's seconds per function, repetitions interleaved across functions."""
     for fn in fns.values():
         fn()  # warm up
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -81,19 +85,24 @@ def _time(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _median(times: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    protocol.set_threads(args.threads)
     warnings.simplefilter("ignore")
     reps = 3 if args.quick else 15
-    report: dict[str, dict[str, float]] = {}
+    report: dict[str, dict[str, object]] = {}
 
     def frames(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(batch, 6, 2), torch.randn(batch, 5, 2)
@@ -137,10 +146,12 @@ def main() -> None:
         model = make()
         x, y = data(batch)
         net = NoetherWrapper(model, MLPEmbedding(2), inner_lr=1e-3, **kwargs)  # type: ignore[arg-type]
-        times = _time({"plain": _step(model, x, y), "wrapped": _step(net, x, y)}, reps)
+        raw = _time({"plain": _step(model, x, y), "wrapped": _step(net, x, y)}, reps)
+        times = _median(raw)
         net(x)
-        report[name] = {"ratio": times["wrapped"] / times["plain"], "path": net.last_path}  # type: ignore[dict-item]
-        print(f"{name:<28} path {net.last_path:<8} wrapped/unwrapped {report[name]['ratio']:.2f}")
+        ratio = times["wrapped"] / times["plain"]
+        report[name] = {"ratio": ratio, "path": net.last_path, "batch": batch, "seconds": raw}
+        print(f"{name:<28} path {net.last_path:<8} wrapped/unwrapped {ratio:.2f}")
 
     for batch in (16, 256):
         torch.manual_seed(0)
@@ -148,7 +159,7 @@ def main() -> None:
         x, y = torch.randn(batch, 12, 2), torch.randn(batch, 5, 2)
         affine = NoetherWrapper(model, MLPEmbedding(2), inner_lr=1e-3, adapt=Affine("middle"))
         shared = NoetherWrapper(model, MLPEmbedding(2), inner_lr=1e-3, per_sample=False)
-        times = _time(
+        raw = _time(
             {
                 "plain": _step(model, x, y),
                 "affine": _step(affine, x, y),
@@ -156,22 +167,30 @@ def main() -> None:
             },
             reps,
         )
-        cell = {
+        times = _median(raw)
+        cell: dict[str, object] = {
             "affine_over_shared": times["affine"] / times["shared"],
             "affine_over_plain": times["affine"] / times["plain"],
             "shared_over_plain": times["shared"] / times["plain"],
+            "seconds": raw,
         }
         report[f"GRU probe B={batch}"] = cell
         print(
-            f"GRU probe B={batch:<4} affine/shared {cell['affine_over_shared']:.2f}  "
-            f"affine/unwrapped {cell['affine_over_plain']:.2f}  "
-            f"shared/unwrapped {cell['shared_over_plain']:.2f}"
+            f"GRU probe B={batch:<4} affine/shared {times['affine'] / times['shared']:.2f}  "
+            f"affine/unwrapped {times['affine'] / times['plain']:.2f}  "
+            f"shared/unwrapped {times['shared'] / times['plain']:.2f}"
         )
     if args.json is not None:
+        out = {
+            "benchmark": "compat",
+            "threads": args.threads,
+            "reps": reps,
+            "models": {k: v for k, v in report.items() if not k.startswith("GRU probe")},
+            "gru_probe": {k: v for k, v in report.items() if k.startswith("GRU probe")},
+            "provenance": protocol.provenance(time.perf_counter() - start),
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"threads": args.threads, "reps": reps, **report}, indent=2)
-        )
+        args.json.write_text(protocol.json_text(out))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
 """Time Noether tailoring against the hand-written limit and peer libraries; print ratios.
 
-    python benchmarks/tailoring.py                 # full grid, a few minutes on 2 cores
+    python benchmarks/tailoring.py --json docs/results/tailoring.json --plot docs/img/bench.png
+    python benchmarks/tailoring.py --hidden 128 --no-memory   # the issue's cells only
     python benchmarks/tailoring.py --quick         # smoke run
-    python benchmarks/tailoring.py --json runs/bench.json --plot runs/bench.png
 
 Methods (all on the same MLP step model rolled out T = 20 steps, float32):
-  plain         the rollout alone, no tailoring
-  hand          hand-written batch-shared step: functional_call + autograd.grad(create_graph=True)
-  shared        NoetherWrapper(per_sample=False)
-  lowrank       NoetherWrapper(per_sample=True), exact low-rank path
-  vmap          NoetherWrapper(per_sample=True, per_sample_path="vmap")
-  higher        higher.innerloop_ctx (batch-shared; if installed: pip install -e ".[bench]")
-  torchopt      torchopt's functional sgd (batch-shared; if installed)
+  plain           the rollout alone, no tailoring
+  hand            hand-written batch-shared step: functional_call + autograd.grad(create_graph=True)
+  shared          NoetherWrapper(per_sample=False)
+  shared_polyak   the same with step_rule="polyak"
+  lowrank         NoetherWrapper(per_sample=True), exact low-rank path
+  lowrank_polyak  the same with step_rule="polyak"
+  affine          NoetherWrapper(adapt=Affine("step.[024]")): per-sequence scale and shift on the
+                  three linear layers' outputs (CNGrad), not their weights
+  vmap            NoetherWrapper(per_sample=True, per_sample_path="vmap")
+  higher          higher.innerloop_ctx (batch-shared; if installed: pip install -e ".[bench]")
+  torchopt        torchopt's functional sgd (batch-shared; if installed)
 
 "train" is forward + backward of an MSE task loss; "eval" is a forward under torch.no_grad().
 Repetitions are interleaved across methods; the table gives medians (and quartiles) as ratios to
@@ -25,7 +29,6 @@ import argparse
 import gc
 import importlib.util
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -40,10 +43,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from noether_wrap import NoetherWrapper, Rollout, noether_loss
-from noether_wrap.embeddings import MLPEmbedding
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import protocol  # noqa: E402  (provenance and the JSON writer, as every result uses)
 
-STATE, HORIZON, LR = 16, 20, 1e-2
+from noether_wrap import Affine, NoetherWrapper, Rollout, noether_loss  # noqa: E402
+from noether_wrap.embeddings import MLPEmbedding  # noqa: E402
+
+STATE, HORIZON, LR, GAMMA = 16, 20, 1e-2, 0.5
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("higher", "torchopt")}
 
 
@@ -120,8 +126,17 @@ def torchopt_tailor(model: nn.Module, emb: nn.Module, x0: Tensor, k: int, train:
 def methods(model: Rollout, emb: nn.Module, k: int) -> dict[str, Callable[[Tensor, bool], Tensor]]:
     nets = {
         "shared": NoetherWrapper(model, emb, inner_steps=k, inner_lr=LR, per_sample=False),
+        "shared_polyak": NoetherWrapper(
+            model, emb, inner_steps=k, inner_lr=GAMMA, per_sample=False, step_rule="polyak"
+        ),
         "lowrank": NoetherWrapper(
             model, emb, inner_steps=k, inner_lr=LR, per_sample_path="lowrank"
+        ),
+        "lowrank_polyak": NoetherWrapper(
+            model, emb, inner_steps=k, inner_lr=GAMMA, per_sample_path="lowrank", step_rule="polyak"
+        ),
+        "affine": NoetherWrapper(
+            model, emb, inner_steps=k, inner_lr=LR, adapt=Affine("step.[024]")
         ),
         "vmap": NoetherWrapper(model, emb, inner_steps=k, inner_lr=LR, per_sample_path="vmap"),
     }
@@ -237,11 +252,19 @@ def memory_child(method: str, hidden: int, batch: int, k: int, first_order: bool
     print((peak[0] - before) / 2**20)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--hidden", type=_ints, default=[128, 512], help="e.g. 128,512")
+    parser.add_argument("--batch", type=_ints, default=[16, 256], help="e.g. 16,256")
+    parser.add_argument("--k", type=_ints, default=[1, 3], help="inner steps, e.g. 1,3")
+    parser.add_argument("--methods", default=None, help="comma-separated subset (hand always)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
@@ -252,12 +275,14 @@ def main() -> None:
         m, h, b, k, fo = args.memory_child
         memory_child(m, int(h), int(b), int(k), bool(int(fo)))
         return
+    start = time.perf_counter()
     warnings_off()
-    torch.set_num_threads(args.threads)
-    grid = [(32, 8, 1)] if args.quick else list(itertools.product((128, 512), (16, 256), (1, 3)))
-    if args.no_timing:
-        grid = []
+    protocol.set_threads(args.threads)
+    grid = list(itertools.product(args.hidden, args.batch, args.k))
+    grid = [(32, 8, 1)] if args.quick else grid
+    grid = [] if args.no_timing else grid
     reps = args.reps or (2 if args.quick else 7)
+    wanted = None if args.methods is None else {"hand", *args.methods.split(",")}
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{args.threads} thread(s), {reps} interleaved repetitions; ratios = median / hand"
@@ -266,6 +291,8 @@ def main() -> None:
     for hidden, batch, k in grid:
         for train in (True, False):
             skip = {"vmap"} if (batch == 256 and hidden == 512 and train and k == 3) else set()
+            if wanted is not None:
+                skip |= set(methods(*build(hidden, batch)[:2], k)) - wanted
             times = time_cell(hidden, batch, k, train, reps, skip)
             hand = statistics.median(times["hand"])
             row: dict[str, object] = {
@@ -278,7 +305,12 @@ def main() -> None:
             cells = []
             for name, ts in times.items():
                 lo, med, hi = quartiles(ts)
-                row[name] = {"ratio": med / hand, "q1": lo / hand, "q3": hi / hand}
+                row[name] = {
+                    "ratio": med / hand,
+                    "q1": lo / hand,
+                    "q3": hi / hand,
+                    "seconds": ts,
+                }
                 cells.append(f"{name} {med / hand:5.2f}")
             results.append(row)
             print(
@@ -297,31 +329,33 @@ def main() -> None:
         memory["config"] = {"hidden": h, "batch": b}
         weight_copy = sum(p.numel() for p in build(h, b)[0].parameters()) * 4 * b / 2**20
         memory["one_weight_copy_per_sequence_mb"] = weight_copy
+        per_method: dict[str, float] = memory["per_method_mb"]  # type: ignore[assignment]
         print(
             f"\npeak memory of one train step, MB (hidden {h}, batch {b}, k = 1): "
-            + ", ".join(f"{n} {v:.0f}" for n, v in memory["per_method_mb"].items())  # type: ignore[attr-defined]
+            + ", ".join(f"{n} {v:.0f}" for n, v in per_method.items())
             + f"; one weight copy per sequence would be {weight_copy:.0f}"
         )
-        print(
-            "second order vs k: "
-            + ", ".join(f"k={k} {v:.0f}" for k, v in memory["second_order_vs_k_mb"].items())
-        )  # type: ignore[attr-defined]
-        print(
-            "first order vs k:  "
-            + ", ".join(f"k={k} {v:.0f}" for k, v in memory["first_order_vs_k_mb"].items())
-        )  # type: ignore[attr-defined]
+        for key, label in (("second_order_vs_k_mb", "second"), ("first_order_vs_k_mb", "first")):
+            curve: dict[int, float] = memory[key]  # type: ignore[assignment]
+            print(f"{label} order vs k: " + ", ".join(f"k={k} {v:.0f}" for k, v in curve.items()))
     report = {
-        "machine": {
-            "torch": torch.__version__,
-            "threads": args.threads,
+        "benchmark": "tailoring",
+        "setup": {
+            "state": STATE,
+            "horizon": HORIZON,
+            "lr": LR,
+            "gamma": GAMMA,
+            "reps": reps,
+            "clock": "time.perf_counter (wall), repetitions interleaved across methods",
             "processor": platform.processor() or platform.machine(),
         },
         "timings": results,
         "memory": memory,
+        "provenance": protocol.provenance(time.perf_counter() - start),
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(protocol.json_text(report))
     if args.plot and results:
         plot(results, args.plot)
 
@@ -342,7 +376,9 @@ def plot(results: list[dict[str, object]], path: Path) -> None:
     for ax, mode in zip(axes, ("train", "eval")):
         rows = [r for r in results if r["mode"] == mode]
         labels = [f"h{r['hidden']}\nB{r['batch']}\nk{r['k']}" for r in rows]
-        names = [n for n in ("shared", "lowrank", "vmap", "higher", "torchopt") if n in rows[0]]
+        names = [
+            n for n in ("shared", "lowrank", "affine", "vmap", "higher", "torchopt") if n in rows[0]
+        ]
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             ys = [r[name]["ratio"] if name in r else float("nan") for r in rows]  # type: ignore[index]

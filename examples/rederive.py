@@ -9,8 +9,14 @@ with the bootstrap seed and resample count the file records, and printed as mark
 ``--check`` compares every recomputed figure with the one stored in the JSON, exactly (the JSON
 text of both); a protocol report without ``raw`` cannot be re-derived and fails the check.
 ``--write-docs PAGE...`` rewrites, in each page, every block between ``<!-- table:NAME -->`` and
-``<!-- /table -->`` with the table of the JSON whose file name is ``NAME.json``, so that the docs'
-tables are generated, never typed. Files that are not protocol reports (no ``rows``) are skipped.
+``<!-- /table -->`` with a table generated from the JSONs, so that no table is typed:
+
+- ``NAME``: the protocol table of ``NAME.json`` (recomputed from ``raw``);
+- ``NAME.curves``: the test-time k-curves of ``NAME.json`` (``raw_test_steps``), plain and
+  backtracking, ratios and intervals recomputed;
+- ``summary``: one line per example report given (README's results table);
+- ``tailoring`` and ``compat``: the benchmarks' JSONs (medians of the stored repetitions).
+
 An example's extra columns (drift, SSIM, ...) are the example's own figures, copied from the JSON;
 only the protocol's columns are recomputed.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -116,6 +123,165 @@ def table(report: Mapping[str, Any]) -> str:
     return protocol.markdown_table(rederived_report(report), extra)
 
 
+def curves_table(report: Mapping[str, Any]) -> str:
+    """The k-curves (``--test-steps``) of a report: per k, plain and backtracking steps, the
+    ratio to vanilla with its nested-bootstrap interval and the median per-sequence ratio
+    (recomputed from ``raw_test_steps``), the validation error and seconds (as stored)."""
+    raw = report.get("raw_test_steps")
+    if not raw:
+        raise ValueError("no raw_test_steps in the JSON: run the example with --test-steps")
+    base = np.asarray(report["raw"]["vanilla"], dtype=np.float64)
+    curves = report["test_steps"]
+    names = [n for n in ("oracle_none", "oracle_backtrack") if n in raw]
+    labels = {"oracle_none": "plain", "oracle_backtrack": "backtracking"}
+    head = ["k"]
+    for name in names:
+        label = labels[name]
+        head += [f"{label}: ratio [95% CI]", "median", "validation MSE", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for k in sorted(raw[names[0]], key=int):
+        cells = [k]
+        for name in names:
+            err = np.asarray(raw[name][k], dtype=np.float64)
+            finite = bool(np.isfinite(err).all())
+            ratio = protocol.rmse(err) / protocol.rmse(base) if finite else math.inf
+            ci = protocol.bootstrap_ratio(err, base) if finite else None
+            with np.errstate(divide="ignore", invalid="ignore"):
+                median = float(np.median(np.sqrt(err / base)))
+            stored = curves[name][k]
+            cells += [
+                f"{ratio:.3f} {protocol.format_ci(ci)}" if finite else "inf (non-finite)",
+                f"{median:.3f}",
+                f"{stored['validation_error']:.4f}",
+                f"{stored['seconds']:.1f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: The rows a domain expert would try before tailoring, by name.
+EXPERT_PREFIXES = ("projection", "hnn", "expert")
+
+
+def summary_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """README's results table: per protocol report, its seeds, vanilla's error, the selected
+    row's ratio to vanilla with interval and per data seed, the experts' rows, how many tuned
+    steps came out "off", and validation/test Spearman per data seed; all recomputed from
+    ``raw`` but the steps and Spearman (as stored)."""
+    head = [
+        "results",
+        "data × model seeds × test sequences",
+        "vanilla error",
+        "selected row: ratio [95% CI]",
+        "per data seed",
+        "experts' baselines",
+        "tuned steps off",
+        "Spearman(val, test)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for stem, report in reports.items():
+        if not is_report(report) or report.get("selected") is None or not report.get("raw"):
+            continue  # not an example's results (the newcomer's table is its own)
+        if "test_steps" in report:
+            continue  # a k-curve run: its own table
+        rows = rederived_report(report)["rows"]
+        shape = report["protocol"]["raw_shape"]
+        selected = report["selected"]
+        m = rows[selected]
+        vanilla = report.get("protocol", {}).get("vanilla", "vanilla")
+        experts = [
+            f"{n} {r['ratio']:.3f}" for n, r in rows.items() if n.startswith(EXPERT_PREFIXES)
+        ]
+        steps = [
+            v
+            for r in report["rows"].values()
+            for v in (r.get("inner_lr_per_seed") or [])
+            if v is not None
+        ]
+        off = sum(1 for v in steps if v == 0)
+        spearman = report.get("spearman_val_test") or {}
+        per_seed = m.get("per_data_seed") or []
+        cells = [
+            f"[{stem}](docs/results/{stem}.json)",
+            " × ".join(str(v) for v in shape),
+            f"{rows[vanilla]['error']:.4g}",
+            f"`{selected}` {m['ratio']:.3f} {protocol.format_ci(m['ratio_ci'])}",
+            ", ".join(f"{v:.3f}" for v in per_seed) if len(per_seed) > 1 else "—",
+            "; ".join(experts) if experts else "—",
+            f"{off} of {len(steps)}" if steps else "—",
+            ", ".join("—" if v is None else f"{v:.2f}" for v in spearman.values()) or "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _median_ratio(seconds: Mapping[str, Sequence[float]], num: str, den: str) -> float:
+    return float(np.median(seconds[num]) / np.median(seconds[den]))
+
+
+def tailoring_table(report: Mapping[str, Any]) -> str:
+    """docs/performance.md's table from ``benchmarks/tailoring.py``'s JSON: per cell the
+    hand-written step's median ms and every method's median time as a ratio to it."""
+    order = [
+        "plain",
+        "shared",
+        "shared_polyak",
+        "lowrank",
+        "lowrank_polyak",
+        "affine",
+        "vmap",
+        "higher",
+        "torchopt",
+    ]
+    cells_ = report["timings"]
+    present = [n for n in order if any(n in c for c in cells_)]
+    head = ["hidden", "B", "k", "mode", "hand (ms)", *present]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for c in cells_:
+        hand = float(np.median(c["hand"]["seconds"]))
+        row = [str(c["hidden"]), str(c["batch"]), str(c["k"]), c["mode"], f"{1e3 * hand:.1f}"]
+        for name in present:
+            row.append(f"{np.median(c[name]['seconds']) / hand:.2f}" if name in c else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def compat_table(report: Mapping[str, Any]) -> str:
+    """docs/performance.md's wrapped/unwrapped table from ``benchmarks/compat.py``'s JSON."""
+    head = ["model", "path", "B", "wrapped / unwrapped training step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in report["models"].items():
+        ratio = _median_ratio(m["seconds"], "wrapped", "plain")
+        lines.append(f"| {name} | {m['path']} | {m['batch']} | {ratio:.2f} |")
+    for name, m in report["gru_probe"].items():
+        s = m["seconds"]
+        lines.append(
+            f"| {name}: affine (shared {_median_ratio(s, 'shared', 'plain'):.2f}; "
+            f"affine / shared {_median_ratio(s, 'affine', 'shared'):.2f}) | affine | "
+            f"{name.split('=')[-1]} | {_median_ratio(s, 'affine', 'plain'):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """The table a ``<!-- table:NAME -->`` block names (see the module docstring)."""
+    if name == "summary":
+        return summary_table(reports)
+    stem, _, kind = name.partition(".")
+    if stem not in reports:
+        raise KeyError(f"a table block names {name}, no {stem}.json given")
+    report = reports[stem]
+    if kind == "curves":
+        return curves_table(report)
+    if kind:
+        raise KeyError(f"unknown table kind {kind!r} in {name}")
+    if report.get("benchmark") == "tailoring":
+        return tailoring_table(report)
+    if report.get("benchmark") == "compat":
+        return compat_table(report)
+    return table(report)
+
+
 def write_docs(pages: Sequence[Path], reports: Mapping[str, Mapping[str, Any]]) -> list[Path]:
     """Rewrite every ``<!-- table:NAME -->`` ... ``<!-- /table -->`` block of ``pages`` with
     the recomputed table of ``reports[NAME]`` (the JSON's file stem); returns the pages changed.
@@ -125,10 +291,11 @@ def write_docs(pages: Sequence[Path], reports: Mapping[str, Mapping[str, Any]]) 
         text = page.read_text()
 
         def fill(match: re.Match[str], page: Path = page) -> str:
-            name = match.group("name")
-            if name not in reports:
-                raise KeyError(f"{page}: a table block names {name}, no {name}.json given")
-            return f"{match.group(1)}{table(reports[name])}\n{match.group(4)}"
+            try:
+                body = named_table(match.group("name"), reports)
+            except KeyError as exc:
+                raise KeyError(f"{page}: {exc.args[0]}") from None
+            return f"{match.group(1)}{body}\n{match.group(4)}"
 
         new = BLOCK.sub(fill, text)
         if new != text:
@@ -153,7 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in args.files:
         report = json.loads(path.read_text())
         if not is_report(report):
-            print(f"{path}: not a protocol report, skipped", file=sys.stderr)
+            if isinstance(report, Mapping) and report.get("benchmark"):
+                reports[path.stem] = report  # a benchmark's timings: tables, nothing to check
+            else:
+                print(f"{path}: not a protocol report, skipped", file=sys.stderr)
             continue
         if args.check:
             bad = mismatches(report)
