@@ -357,8 +357,8 @@ def _write_back_buffers(model: nn.Module, final: Params | None) -> None:
 def _warn_if_diverged(options: Options, losses: Tensor) -> None:
     """Warn when tailoring raised some sequence's Noether loss by more than ``DIVERGED``-fold:
     a finite blow-up (e.g. inputs far outside the data) that no non-finite check sees."""
-    first, last = losses[:, 0].detach(), losses[:, -1].detach()
-    grew = last > DIVERGED * first
+    first, later = losses[:, :1].detach(), losses[:, 1:].detach()
+    grew = (later > DIVERGED * first).any(dim=1)  # NaN (a loss not computed) never counts
     if not bool(grew.any()):
         return
     remedies = [

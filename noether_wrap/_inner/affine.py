@@ -187,7 +187,11 @@ class AffineStepper(HookedStepper):
         grads = {n: torch.zeros_like(point[n]) if g is None else g for n, g in zip(names, found)}
         if not call.create_graph:
             grads = {n: g.detach() for n, g in grads.items()}
-        squared = torch.stack([g.pow(2).sum(1) for g in grads.values()]).sum(0)
+        squared = (
+            torch.stack([g.pow(2).sum(1) for g in grads.values()]).sum(0)
+            if call.needs_norm
+            else loss.new_zeros(call.batch if self.per_row else 1)
+        )
         finite = torch.stack([torch.isfinite(g).all(1) for g in grads.values()]).all(0)
         return Gradient(point, output, loss, grads, squared, finite)
 

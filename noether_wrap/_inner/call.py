@@ -78,6 +78,12 @@ class Call:
         return self.create_graph or (self.differentiable and self.need_final_loss)
 
     @property
+    def needs_norm(self) -> bool:
+        """Whether the step reads the inner gradient's norm (the Polyak rule, clipping): where
+        it does not, a path may skip computing it."""
+        return self.step_rule == "polyak" or self.max_grad_norm is not None
+
+    @property
     def batch(self) -> int:
         return int(self.inputs.shape[0])
 
@@ -133,7 +139,8 @@ class Progress:
 
 class InnerResult(NamedTuple):
     """``prediction`` and ``initial``: like the model's output; ``losses``: ``(batch, k + 1)``;
-    ``ok``: ``(batch,)`` bool, False where an inner step produced a non-finite value;
+    ``ok``: ``(batch,)`` bool, False where an inner step produced a non-finite value; the last
+    column of ``losses`` is NaN where no one reads it (:func:`~noether_wrap._inner.loop.final_loss`);
     ``params``: the adapted parameters where the path materialises them (leading batch dim when
     per sample), else None; ``buffers``: the buffer clones the returned prediction's pass left
     (what one unwrapped call writes), or None where the path does not run the whole batch."""

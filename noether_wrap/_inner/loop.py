@@ -16,7 +16,7 @@ holds.
 
 from __future__ import annotations
 
-import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -45,7 +45,8 @@ GRAPHLESS_WARNING = (
 class Gradient(Generic[State]):
     """One inner gradient: where it was taken (``point``, with any lazily created parameters),
     the rollout there (``output``) and its per-sequence ``loss`` ``(batch,)``, the path's own
-    ``direction``, and per row its ``squared_norm`` and whether it is ``finite``."""
+    ``direction``, and per row its ``squared_norm`` (zeros where the step does not read it:
+    ``call.needs_norm``) and whether it is ``finite``."""
 
     point: State
     output: Tensor
@@ -157,13 +158,38 @@ def warn_if_graphless(call: Call, grads: Any) -> None:
         warn(GRAPHLESS_WARNING, RuntimeWarning)
 
 
+#: Sequences whose final Noether loss a call computes when nothing else reads it: enough for the
+#: divergence warning to see a blown-up step, at a small share of a large batch's cost.
+CHECKED = 8
+
+
+def final_loss(call: Call, stepper: Stepper[State], state: State, prediction: Tensor) -> Tensor:
+    """``(batch,)``: each sequence's Noether loss after the last step, computed where something
+    reads it (``return_info``, ``keep_if_better``: ``call.need_final_loss``), with a graph only
+    where the caller needs one. Otherwise it is only a check for the divergence warning: a
+    strided sample of at most :data:`CHECKED` sequences, without a graph, NaN elsewhere; and
+    with ``predict`` (whose rollout would be one more pass) not computed at all (NaN)."""
+    if call.need_final_loss:
+        rollout = prediction if call.predict is None else stepper.rollout(state)
+        return call.noether_loss(rollout)
+    unread = torch.full((call.batch,), math.nan, dtype=prediction.dtype, device=prediction.device)
+    if call.predict is not None or not prediction.is_floating_point():
+        return unread
+    with torch.no_grad():
+        if call.in_vmap or call.batch <= CHECKED:
+            return call.noether_loss(prediction)
+        rows = torch.arange(0, call.batch, -(-call.batch // CHECKED), device=prediction.device)
+        checked = call.loss(call.inputs[rows], prediction[rows])
+        return unread.index_copy(0, rows, checked.to(unread.dtype))
+
+
 def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
     """Run ``call.steps`` inner steps over ``stepper``, then predict with the adapted state.
 
     Returns an :class:`InnerResult`; ``ok`` is ``(batch,)`` (a shared step's one flag is
-    broadcast); ``losses`` holds each sequence's Noether loss before every step and after the
-    last. The final loss is always computed (every call notices a step that blew up), with a
-    graph only where the caller needs it; one rollout serves both when there is no ``predict``.
+    broadcast), False where an inner loss or gradient, or the prediction, is not finite;
+    ``losses`` holds each sequence's Noether loss before every step and after the last (see
+    :func:`final_loss` for where the last is computed).
     """
     per_row = stepper.per_row
     state = stepper.start()
@@ -193,11 +219,8 @@ def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
         initial = stepper.prediction(start)
     buffers = call.fresh_buffers()
     prediction = stepper.prediction(state, buffers)
-    with contextlib.nullcontext() if call.need_final_loss else torch.no_grad():
-        rollout = prediction if call.predict is None else stepper.rollout(state)
-        final_loss = call.noether_loss(rollout)
-    losses.append(final_loss)
-    ok = ok & _rows_finite(final_loss, per_row) & _rows_finite(prediction, per_row)
+    losses.append(final_loss(call, stepper, state, prediction))
+    ok = ok & _rows_finite(prediction, per_row)
     result = InnerResult(
         prediction,
         initial,

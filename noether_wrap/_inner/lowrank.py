@@ -139,10 +139,10 @@ class _Layer:
         raise NotImplementedError
 
     def gradient(
-        self, deltas: list[Tensor], inputs: list[Tensor], steps: int
+        self, deltas: list[Tensor], inputs: list[Tensor], steps: int, norm: bool
     ) -> tuple[Any, Tensor, Tensor]:
         """This step's per-sample gradient from the recorded uses: ``(direction, squared norm
-        (batch,), finite (batch,))``."""
+        (batch,), finite (batch,))``; the norm is zeros unless ``norm`` asks for it."""
         raise NotImplementedError
 
     def stepped(self, update: Update, direction: Any, scale: Tensor) -> Update:
@@ -186,7 +186,7 @@ class _Linear(_Layer):
         return result
 
     def gradient(
-        self, deltas: list[Tensor], inputs: list[Tensor], steps: int
+        self, deltas: list[Tensor], inputs: list[Tensor], steps: int, norm: bool
     ) -> tuple[Any, Tensor, Tensor]:
         d = torch.cat([rearrange(x, "batch ... d_out -> batch (...) d_out") for x in deltas], dim=1)
         a = torch.cat(inputs, dim=1)
@@ -195,11 +195,11 @@ class _Linear(_Layer):
             assert isinstance(linear, nn.Linear)
             self.dense = steps * d.shape[1] >= min(linear.in_features, linear.out_features)
         sq = torch.zeros(self.batch, dtype=d.dtype, device=d.device)
-        if self.weight:
+        if self.weight and norm:
             gram_d = torch.bmm(d, d.transpose(1, 2))
             gram_a = torch.bmm(a, a.transpose(1, 2))
             sq = sq + (gram_d * gram_a).sum(dim=(1, 2))
-        if self.bias:
+        if self.bias and norm:
             sq = sq + d.sum(1).pow(2).sum(1)
         return (d, a), sq, _rows_finite(d, a)
 
@@ -282,7 +282,7 @@ class _Conv(_Layer):
         return result
 
     def gradient(
-        self, deltas: list[Tensor], inputs: list[Tensor], steps: int
+        self, deltas: list[Tensor], inputs: list[Tensor], steps: int, norm: bool
     ) -> tuple[Any, Tensor, Tensor]:
         dw: Tensor | None = None  # (batch, out, in * kh * kw)
         db: Tensor | None = None  # (batch, out)
@@ -294,9 +294,9 @@ class _Conv(_Layer):
             if self.bias:
                 db = _add(db, d.sum(-1))
         sq = torch.zeros(self.batch, dtype=deltas[0].dtype, device=deltas[0].device)
-        if dw is not None:
+        if dw is not None and norm:
             sq = sq + dw.pow(2).sum(dim=(1, 2))
-        if db is not None:
+        if db is not None and norm:
             sq = sq + db.pow(2).sum(1)
         return (dw, db), sq, _rows_finite(dw, db)
 
@@ -368,7 +368,7 @@ class LowRankStepper(HookedStepper):
                 directions.append(None)
                 continue
             direction, sq, ok = layer.gradient(
-                [g for g, _ in used], [a for _, a in used], call.steps
+                [g for g, _ in used], [a for _, a in used], call.steps, call.needs_norm
             )
             directions.append(direction)
             squared = squared + sq

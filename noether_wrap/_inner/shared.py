@@ -77,7 +77,8 @@ class WeightStepper:
                 )
             warn_if_graphless(call, found)
             grads = dict(zip(point, found))
-        return Gradient(point, output, loss, grads, _squared_norm(grads), _finite(grads))
+        squared = _squared_norm(grads) if call.needs_norm else loss.new_zeros(1)
+        return Gradient(point, output, loss, grads, squared, _finite(grads))
 
     def step(self, state: Params, direction: Any, scale: Tensor) -> Params:
         factor = scale.reshape(())
