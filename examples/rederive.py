@@ -192,13 +192,9 @@ def summary_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
         experts = [
             f"{n} {r['ratio']:.3f}" for n, r in rows.items() if n.startswith(EXPERT_PREFIXES)
         ]
-        steps = [
-            v
-            for r in report["rows"].values()
-            for v in (r.get("inner_lr_per_seed") or [])
-            if v is not None
-        ]
-        off = sum(1 for v in steps if v == 0)
+        # a tuned row's step per run; "off" is 0 (or None, as real_pendulum writes it)
+        steps = [v for r in report["rows"].values() for v in (r.get("inner_lr_per_seed") or [])]
+        off = sum(1 for v in steps if not v)
         spearman = report.get("spearman_val_test") or {}
         per_seed = m.get("per_data_seed") or []
         cells = [

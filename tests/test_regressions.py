@@ -144,6 +144,24 @@ def test_a_finite_blow_up_warns() -> None:
         net(torch.full((2, 2), 1e30, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_a_finite_blow_up_warns_in_a_large_batch(per_sample: bool) -> None:
+    """Plain calls compute the final loss on a sample of sequences only (nothing else reads
+    it): a batch whose steps all blow up still warns, and return_info still gives every
+    sequence's final loss."""
+    torch.manual_seed(0)
+    step = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    net = NoetherWrapper(
+        Rollout(step, 5), lambda s: s.pow(2).sum(-1), inner_lr=1e-3, per_sample=per_sample
+    )
+    x = torch.full((32, 2), 1e30, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        net(x)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        info = net(x, return_info=True)
+    assert not bool(info.noether_losses.isnan().any())
+
+
 # 3. and 4. the low-rank conv path: every padding, dilation and stride; bias alone ----------
 
 

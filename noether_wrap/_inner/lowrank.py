@@ -173,15 +173,28 @@ class _Linear(_Layer):
     def correction(self, a: Tensor) -> Tensor | None:
         u = self.update
         result: Tensor | None = None
+        # One input row per sequence (a step model's state): broadcast products, one kernel each,
+        # where a batched matmul would run one tiny product per sequence (CPU bmm loops over the
+        # batch); several rows (a sequence model, conv positions) amortise bmm's loop.
+        single = a.shape[1] == 1
         if u.delta_w is not None:
-            result = torch.einsum("boi,bmi->bmo", u.delta_w, a)
+            if single:
+                result = (u.delta_w * a).sum(-1).unsqueeze(1)
+            else:
+                result = torch.einsum("boi,bmi->bmo", u.delta_w, a)
         if u.delta_b is not None:
             result = _add(result, u.delta_b.unsqueeze(1))
         if u.rec_d is not None:
             assert u.rec_a is not None
-            low = torch.bmm(torch.einsum("bni,bmi->bmn", u.rec_a, a), u.rec_d)
-            if self.bias:
-                low = low + u.rec_d.sum(1, keepdim=True)
+            if single:
+                coef = (u.rec_a * a).sum(-1, keepdim=True)  # (batch, n, 1)
+                if self.bias:
+                    coef = coef + 1
+                low = (coef * u.rec_d).sum(1, keepdim=True)
+            else:
+                low = torch.bmm(torch.einsum("bni,bmi->bmn", u.rec_a, a), u.rec_d)
+                if self.bias:
+                    low = low + u.rec_d.sum(1, keepdim=True)
             result = _add(result, low)
         return result
 
