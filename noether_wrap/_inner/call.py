@@ -140,7 +140,7 @@ class Progress:
 class InnerResult(NamedTuple):
     """``prediction`` and ``initial``: like the model's output; ``losses``: ``(batch, k + 1)``;
     ``ok``: ``(batch,)`` bool, False where an inner step produced a non-finite value; the last
-    column of ``losses`` is NaN where no one reads it (:func:`~noether_wrap._inner.loop.final_loss`);
+    column of ``losses`` is NaN where no one reads it (see ``loop.final_loss``);
     ``params``: the adapted parameters where the path materialises them (leading batch dim when
     per sample), else None; ``buffers``: the buffer clones the returned prediction's pass left
     (what one unwrapped call writes), or None where the path does not run the whole batch."""

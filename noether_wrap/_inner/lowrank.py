@@ -150,6 +150,12 @@ class _Layer:
         raise NotImplementedError
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``(batch, ..., d) -> (batch, rows, d)``: a linear layer's input or output as rows (a plain
+    reshape: this runs at every use of every adapted layer, where einops' parsing shows)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 def _rows_finite(*tensors: Tensor | None) -> Tensor:
     flags = [torch.isfinite(t).flatten(1).all(1) for t in tensors if t is not None]
     return torch.stack(flags).all(0)
@@ -163,11 +169,11 @@ class _Linear(_Layer):
         self.dense: bool | None = None
 
     def prepare_input(self, a: Tensor) -> Tensor:
-        return rearrange(a, "batch ... d_in -> batch (...) d_in")
+        return _rows(a)  # (batch, uses, d_in)
 
     def add_correction(self, out: Tensor, correction: Tensor) -> Tensor:
         # correction: (batch, uses or 1, d_out); out: (batch, ..., d_out)
-        flat = rearrange(out, "batch ... d_out -> batch (...) d_out")
+        flat = _rows(out)
         return (flat + correction).reshape(out.shape)
 
     def correction(self, a: Tensor) -> Tensor | None:
@@ -201,7 +207,7 @@ class _Linear(_Layer):
     def gradient(
         self, deltas: list[Tensor], inputs: list[Tensor], steps: int, norm: bool
     ) -> tuple[Any, Tensor, Tensor]:
-        d = torch.cat([rearrange(x, "batch ... d_out -> batch (...) d_out") for x in deltas], dim=1)
+        d = torch.cat([_rows(x) for x in deltas], dim=1)
         a = torch.cat(inputs, dim=1)
         if self.dense is None:
             linear = self.module
