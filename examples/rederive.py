@@ -15,7 +15,8 @@ text of both); a protocol report without ``raw`` cannot be re-derived and fails 
 - ``NAME.curves``: the test-time k-curves of ``NAME.json`` (``raw_test_steps``), plain and
   backtracking, ratios and intervals recomputed;
 - ``summary``: one line per example report given (README's results table);
-- ``tailoring`` and ``compat``: the benchmarks' JSONs (medians of the stored repetitions).
+- ``tailoring``, ``tailoring.memory`` and ``compat``: the benchmarks' JSONs (medians of the
+  stored repetitions; peak memory).
 
 An example's extra columns (drift, SSIM, ...) are the example's own figures, copied from the JSON;
 only the protocol's columns are recomputed.
@@ -242,6 +243,27 @@ def tailoring_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def memory_table(report: Mapping[str, Any]) -> str:
+    """docs/performance.md's memory table from ``benchmarks/tailoring.py``'s JSON: the peak
+    resident-set increase of one train step per method, and of the shared step against k."""
+    memory = report["memory"]
+    lines = ["| one train step, k = 1 | MB |", "| --- | --- |"]
+    for name, mb in memory["per_method_mb"].items():
+        lines.append(f"| {name} | {mb:.0f} |")
+    lines.append(
+        f"| one weight copy per sequence (for scale) | "
+        f"{memory['one_weight_copy_per_sequence_mb']:.0f} |"
+    )
+    ks = list(memory["second_order_vs_k_mb"])
+    lines += ["", "| k | " + " | ".join(ks) + " |", "|" + " --- |" * (len(ks) + 1)]
+    for key, label in (
+        ("second_order_vs_k_mb", "second order (shared)"),
+        ("first_order_vs_k_mb", "first order (shared)"),
+    ):
+        lines.append(f"| {label} | " + " | ".join(f"{memory[key][k]:.0f}" for k in ks) + " |")
+    return "\n".join(lines)
+
+
 def compat_table(report: Mapping[str, Any]) -> str:
     """docs/performance.md's wrapped/unwrapped table from ``benchmarks/compat.py``'s JSON."""
     head = ["model", "path", "B", "wrapped / unwrapped training step"]
@@ -269,6 +291,8 @@ def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
     report = reports[stem]
     if kind == "curves":
         return curves_table(report)
+    if kind == "memory":
+        return memory_table(report)
     if kind:
         raise KeyError(f"unknown table kind {kind!r} in {name}")
     if report.get("benchmark") == "tailoring":
