@@ -110,16 +110,16 @@ def main() -> None:
     recipes: list[
         tuple[str, Callable[[], nn.Module], dict[str, object], Callable[[int], tuple]]
     ] = [
-        ("GRU seq2seq", lambda: _Seq2Seq(nn.GRU), {"adapt": Affine("decoder")}, frames),
-        ("LSTM seq2seq", lambda: _Seq2Seq(nn.LSTM), {"adapt": Affine("decoder")}, frames),
+        ("GRU encoder-decoder", lambda: _Seq2Seq(nn.GRU), {"adapt": Affine("decoder")}, frames),
+        ("LSTM encoder-decoder", lambda: _Seq2Seq(nn.LSTM), {"adapt": Affine("decoder")}, frames),
         (
-            "Transformer (causal)",
+            "Transformer, causal, `batch_first`",
             _Transformer,
             {"adapt": Affine("encoder.layers.*.linear2")},
             frames,
         ),
         (
-            "MLP + Dropout (Rollout)",
+            "MLP step with Dropout, `Rollout`",
             lambda: Rollout(
                 nn.Sequential(nn.Linear(2, 64), nn.Dropout(0.1), nn.Tanh(), nn.Linear(64, 2)), 5
             ),
@@ -132,7 +132,7 @@ def main() -> None:
 
         recipes.append(
             (
-                "torchdiffeq odeint (rk4)",
+                "torchdiffeq `odeint` (rk4), MLP field",
                 _ODE,
                 {},
                 lambda b: (torch.randn(b, 2), torch.randn(b, 5, 2)),
@@ -150,7 +150,15 @@ def main() -> None:
         times = _median(raw)
         net(x)
         ratio = times["wrapped"] / times["plain"]
-        report[name] = {"ratio": ratio, "path": net.last_path, "batch": batch, "seconds": raw}
+        adapt = kwargs.get("adapt")
+        report[name] = {
+            "ratio": ratio,
+            "path": net.last_path,
+            "adapt": f'Affine("{adapt.pattern}")' if isinstance(adapt, Affine) else "all weights",
+            "batch": batch,
+            "inner_steps": net.inner_steps,
+            "seconds": raw,
+        }
         print(f"{name:<28} path {net.last_path:<8} wrapped/unwrapped {ratio:.2f}")
 
     for batch in (16, 256):

@@ -14,9 +14,17 @@ text of both); a protocol report without ``raw`` cannot be re-derived and fails 
 - ``NAME``: the protocol table of ``NAME.json`` (recomputed from ``raw``);
 - ``NAME.curves``: the test-time k-curves of ``NAME.json`` (``raw_test_steps``), plain and
   backtracking, ratios and intervals recomputed;
+- ``NAME.embeddings``: the embedding metrics of ``NAME.json``'s ``g`` (``embeddings``, as
+  stored: the example measures them on its test states, no raw inputs are kept);
+- ``NAME.embeddings_rows``: the same, each ``g`` beside its protocol row (step, ratio with
+  interval, median, improved; recomputed from ``raw``);
+- ``real_pendulum.probes``: the real pendulum's diagnostic probes (``diagnostics``), ratio and
+  interval recomputed from their raw errors;
 - ``summary``: one line per example report given (README's results table);
-- ``tailoring``, ``tailoring.memory`` and ``compat``: the benchmarks' JSONs (medians of the
-  stored repetitions; peak memory).
+- ``newcomer``: the newcomer's in-range / out-of-range table (per-seed ratios recomputed from
+  the stored per-seed errors);
+- ``tailoring``, ``tailoring.memory``, ``compat`` and ``compat.probe``: the benchmarks' JSONs
+  (medians of the stored repetitions; peak memory).
 
 An example's extra columns (drift, SSIM, ...) are the example's own figures, copied from the JSON;
 only the protocol's columns are recomputed.
@@ -63,12 +71,32 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("cost_ratio", "cost", ".0f"),
     ],
 }
+#: The quantity each example's ``g`` is compared with, as the embedding tables' headers name it.
+INVARIANT_SYMBOL: dict[str, str] = {
+    "pendulum": "H",
+    "spring": "H",
+    "ising": "M",
+    "video": "E",
+    "real_pendulum": "E",
+}
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
 def is_report(report: Any) -> bool:
     """A protocol report (an example's results), not some other JSON."""
-    return isinstance(report, Mapping) and isinstance(report.get("rows"), Mapping)
+    return (
+        isinstance(report, Mapping)
+        and isinstance(report.get("rows"), Mapping)
+        and not is_table_only(report)
+    )
+
+
+def is_table_only(report: Any) -> bool:
+    """A JSON whose tables copy its stored figures, with no ``raw`` errors to re-derive or
+    check: a benchmark's timings, or the newcomer's per-seed figures (no bootstrap)."""
+    return isinstance(report, Mapping) and (
+        bool(report.get("benchmark")) or report.get("example") == "newcomer"
+    )
 
 
 def rederive_rows(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -265,19 +293,166 @@ def memory_table(report: Mapping[str, Any]) -> str:
 
 
 def compat_table(report: Mapping[str, Any]) -> str:
-    """docs/performance.md's wrapped/unwrapped table from ``benchmarks/compat.py``'s JSON."""
-    head = ["model", "path", "B", "wrapped / unwrapped training step"]
+    """docs/compatibility.md's table from ``benchmarks/compat.py``'s JSON: per model its
+    ``adapt``, the path it took and the median wrapped training step over the median unwrapped
+    one (k and B in the header, from the JSON)."""
+    models = report["models"]
+    first = next(iter(models.values()))
+    head = [
+        "model",
+        "`adapt`",
+        "path",
+        f"wrapped step / unwrapped step (k = {first['inner_steps']}, B = {first['batch']})",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name, m in report["models"].items():
+    for name, m in models.items():
+        adapt = m["adapt"] if m["adapt"] == "all weights" else f"`{m['adapt']}`"
         ratio = _median_ratio(m["seconds"], "wrapped", "plain")
-        lines.append(f"| {name} | {m['path']} | {m['batch']} | {ratio:.2f} |")
+        lines.append(f"| {name} | {adapt} | {m['path']} | {ratio:.2f}× |")
+    return "\n".join(lines)
+
+
+def compat_probe_table(report: Mapping[str, Any]) -> str:
+    """The GRU probe of ``benchmarks/compat.py``'s JSON: per batch size the affine path's and
+    the batch-shared step's training step against the unwrapped model's, and against each other."""
+    head = ["GRU probe", "affine / unwrapped", "shared / unwrapped", "affine / shared"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in report["gru_probe"].items():
         s = m["seconds"]
-        lines.append(
-            f"| {name}: affine (shared {_median_ratio(s, 'shared', 'plain'):.2f}; "
-            f"affine / shared {_median_ratio(s, 'affine', 'shared'):.2f}) | affine | "
-            f"{name.split('=')[-1]} | {_median_ratio(s, 'affine', 'plain'):.2f} |"
+        ratios = [("affine", "plain"), ("shared", "plain"), ("affine", "shared")]
+        cells = [f"{_median_ratio(s, a, b):.2f}×" for a, b in ratios]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _embedding_columns(report: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The embedding table's headers and the ``embeddings`` keys they show, in the example's
+    symbol for the invariant (``INVARIANT_SYMBOL``); a metric no ``g`` of the report has (the
+    gradient-magnitude spread outside the Hamiltonian examples) is left out."""
+    example = str(report.get("example"))
+    if example not in INVARIANT_SYMBOL:
+        raise KeyError(f"no invariant symbol for example {example!r} (see INVARIANT_SYMBOL)")
+    sym = INVARIANT_SYMBOL[example]
+    columns = [
+        ("within_var_frac", "within-var fraction"),
+        ("grad_cos", f"median \\|cos(∇g, ∇{sym})\\|"),
+        ("grad_ratio_spread", f"\\|∇g\\|/\\|∇{sym}\\| top/bottom decile of {sym}"),
+    ]
+    metrics = report["embeddings"].values()
+    present = [(k, h) for k, h in columns if any(k in m for m in metrics)]
+    head = ["g", f"\\|r(g, {sym})\\| (init)", *(h for _, h in present)]
+    return head, [k for k, _ in present]
+
+
+def _embedding_cells(m: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    """One ``g``'s embedding figures: |r| to four decimals with its value at initialisation
+    (``—`` where ``g`` was not trained), the fractions and cosines to four, the spread to two."""
+    formats = {"within_var_frac": ".4f", "grad_cos": ".4f", "grad_ratio_spread": ".2f"}
+    init = m.get("abs_r_init")
+    cells = [f"{protocol._num(m['abs_r'], '.4f')} ({protocol._num(init, '.3f')})"]
+    return cells + [protocol._num(m.get(k), formats[k]) for k in keys]
+
+
+def embeddings_table(report: Mapping[str, Any]) -> str:
+    """The embedding metrics of every ``g`` of a report (``embeddings``, copied: the examples
+    compute them on their test states and keep no raw inputs): |r(g, invariant)| on the test
+    states (at initialisation in brackets), the within-trajectory variance fraction, the median
+    |cos| between the gradients of ``g`` and of the invariant, and the ratio of the median
+    gradient-magnitude ratio |∇g|/|∇H| in the top decile of the invariant to the bottom one."""
+    if not report.get("embeddings"):
+        raise ValueError("no embeddings in the JSON")
+    head, keys = _embedding_columns(report)
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in report["embeddings"].items():
+        lines.append("| " + " | ".join([name, *_embedding_cells(m, keys)]) + " |")
+    return "\n".join(lines)
+
+
+def embeddings_rows_table(report: Mapping[str, Any]) -> str:
+    """:func:`embeddings_table` with each ``g``'s protocol row beside it: the steps its runs
+    chose, its ratio to vanilla with the 95 % interval, the median per-sequence ratio and the
+    sequences improved, recomputed from ``raw`` (``—`` for a ``g`` with no row of its name)."""
+    if not report.get("embeddings"):
+        raise ValueError("no embeddings in the JSON")
+    rows = rederived_report(report)["rows"]
+    head, keys = _embedding_columns(report)
+    head += ["step", "ratio to vanilla [95% CI]", "median", "improved"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in report["embeddings"].items():
+        cells = [name, *_embedding_cells(m, keys)]
+        r = rows.get(name)
+        if r is None:
+            cells += ["—"] * 4
+        else:
+            cells += [
+                protocol.steps_cell(r.get("inner_lr_per_seed"), report["inner_lr"].get(name)),
+                f"{protocol._num(r['ratio'], '.3f')} {protocol.format_ci(r['ratio_ci'])}",
+                protocol._num(r["median_ratio"], ".3f"),
+                f"{r['improved']}/{r['n_test']}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def probes_table(report: Mapping[str, Any]) -> str:
+    """The real pendulum's diagnostic probes (``diagnostics``; not rows, never selected): the
+    error, the ratio to vanilla and its nested-bootstrap interval (recomputed from the probe's
+    ``raw_errors`` against ``raw``'s vanilla, with the JSON's bootstrap settings), the
+    whole-segment ratio (recomputed from ``raw_whole_errors``) and the mean energy change per
+    window (as stored: the JSON keeps no per-window energies)."""
+    probes = report.get("diagnostics")
+    if not probes:
+        raise ValueError("no diagnostics in the JSON")
+    settings = report.get("protocol", {})
+    vanilla = settings.get("vanilla", "vanilla")
+    base = protocol.nested(np.asarray(report["raw"][vanilla], dtype=np.float64))
+    base_whole = np.asarray(report["raw_whole_errors"][vanilla], dtype=np.float64)
+    head = ["probe (not a row)", "error", "ratio", "95% CI", "whole", "ΔE / window"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, d in probes.items():
+        err = protocol.nested(np.asarray(d["raw_errors"], dtype=np.float64))
+        whole = np.asarray(d["raw_whole_errors"], dtype=np.float64)
+        ci = protocol.bootstrap_ratio(
+            err,
+            base,
+            seed=settings.get("bootstrap_seed", protocol.BOOTSTRAP_SEED),
+            resamples=settings.get("resamples", protocol.BOOTSTRAP_RESAMPLES),
         )
+        cells = [
+            name,
+            f"{protocol.rmse(err):.4f}",
+            f"{protocol.rmse(err) / protocol.rmse(base):.3f}",
+            protocol.format_ci(ci),
+            f"{math.sqrt(whole.mean() / base_whole.mean()):.3f}",
+            f"{d['energy_change']:+.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def newcomer_table(report: Mapping[str, Any]) -> str:
+    """docs/newcomer.md's table from ``examples/newcomer.py``'s JSON: per row and range, the
+    mean over seeds of the RMSE, the mean over seeds of the ratio to ``plain`` with each seed's
+    ratio (recomputed from the stored per-seed RMSEs), and the test trajectories improved (as
+    stored: the JSON keeps no per-trajectory errors)."""
+    ranges = [("in_range", "in range"), ("out_of_range", "out of range")]
+    head = ["row"]
+    for _, label in ranges:
+        head += [f"{label}: error", "ratio (per seed)", "improved"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    plain = report["rows"]["plain"]
+    for name, row in report["rows"].items():
+        cells = [f"`{name}`"]
+        for key, _ in ranges:
+            m = row[key]
+            errors = np.asarray(m["per_seed_error"], dtype=np.float64)
+            ratios = errors / np.asarray(plain[key]["per_seed_error"], dtype=np.float64)
+            cells += [
+                f"{errors.mean():.4f}",
+                f"{ratios.mean():.3f}× (" + ", ".join(f"{v:.3f}" for v in ratios) + ")",
+                f"{m['improved']}/{m['n']}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -293,8 +468,18 @@ def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
         return curves_table(report)
     if kind == "memory":
         return memory_table(report)
+    if kind == "probe":
+        return compat_probe_table(report)
+    if kind == "embeddings":
+        return embeddings_table(report)
+    if kind == "embeddings_rows":
+        return embeddings_rows_table(report)
+    if kind == "probes":
+        return probes_table(report)
     if kind:
         raise KeyError(f"unknown table kind {kind!r} in {name}")
+    if report.get("example") == "newcomer":
+        return newcomer_table(report)
     if report.get("benchmark") == "tailoring":
         return tailoring_table(report)
     if report.get("benchmark") == "compat":
@@ -340,8 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in args.files:
         report = json.loads(path.read_text())
         if not is_report(report):
-            if isinstance(report, Mapping) and report.get("benchmark"):
-                reports[path.stem] = report  # a benchmark's timings: tables, nothing to check
+            if is_table_only(report):
+                reports[path.stem] = report  # stored figures: tables, nothing to check
             else:
                 print(f"{path}: not a protocol report, skipped", file=sys.stderr)
             continue

@@ -278,15 +278,117 @@ def test_benchmark_tables_are_medians_of_the_stored_repetitions() -> None:
         "models": {
             "GRU": {
                 "path": "affine",
+                "adapt": 'Affine("decoder")',
                 "batch": 16,
+                "inner_steps": 1,
                 "seconds": {"plain": [1, 2, 3], "wrapped": [3, 6, 9]},
             }
         },
-        "gru_probe": {},
+        "gru_probe": {"B=16": {"seconds": {"plain": [1], "affine": [2], "shared": [4]}}},
     }
-    assert (
-        rederive.named_table("c", {"c": compat}).splitlines()[2] == "| GRU | affine | 16 | 3.00 |"
+    lines = rederive.named_table("c", {"c": compat}).splitlines()
+    assert "k = 1, B = 16" in lines[0]
+    assert lines[2] == '| GRU | `Affine("decoder")` | affine | 3.00× |'
+    probe = rederive.named_table("c.probe", {"c": compat}).splitlines()
+    assert probe[2] == "| B=16 | 2.00× | 4.00× | 0.50× |"
+
+
+def test_embeddings_tables_format_the_stored_metrics(tmp_path: Path) -> None:
+    """``STEM.embeddings``: the example's symbol in the headers, a metric no ``g`` has left
+    out, ``—`` for an untrained ``g``'s initial |r|; ``STEM.embeddings_rows`` adds each ``g``'s
+    protocol row, recomputed from ``raw``."""
+    g = {"abs_r": 0.99304, "abs_r_init": 0.05071, "within_var_frac": 0.00676, "grad_cos": 0.9996}
+    pendulum = {
+        "example": "pendulum",
+        "embeddings": {
+            "testtime_formula": {**g, "abs_r_init": None, "grad_ratio_spread": 1.0052},
+            "testtime_learned": {**g, "grad_ratio_spread": 0.5544},
+        },
+    }
+    lines = rederive.named_table("p.embeddings", {"p": pendulum}).splitlines()
+    assert lines[0] == (
+        "| g | \\|r(g, H)\\| (init) | within-var fraction | median \\|cos(∇g, ∇H)\\| "
+        "| \\|∇g\\|/\\|∇H\\| top/bottom decile of H |"
     )
+    assert lines[2] == "| testtime_formula | 0.9930 (—) | 0.0068 | 0.9996 | 1.01 |"
+    assert lines[3] == "| testtime_learned | 0.9930 (0.051) | 0.0068 | 0.9996 | 0.55 |"
+    ising = {"example": "ising", "embeddings": {"meta_learned": {**g, "grad_cos": None}}}
+    lines = rederive.named_table("i.embeddings", {"i": ising}).splitlines()
+    assert "∇M" in lines[0] and "decile" not in lines[0]
+    assert lines[2] == "| meta_learned | 0.9930 (0.051) | 0.0068 | — |"
+    with pytest.raises(KeyError, match="symbol"):
+        rederive.named_table("x.embeddings", {"x": {**ising, "example": "other"}})
+
+    path, _ = _report(tmp_path, "toy")
+    report = json.loads(path.read_text())
+    report["embeddings"] = {"testtime_oracle": g, "no_such_row": g}
+    derived = rederive.rederive_rows(report)["testtime_oracle"]
+    report["rows"]["testtime_oracle"]["ratio"] = 123.0  # a tampered figure does not reach it
+    lines = rederive.named_table("toy.embeddings_rows", {"toy": report}).splitlines()
+    assert lines[0].endswith("| step | ratio to vanilla [95% CI] | median | improved |")
+    ratio = f"{derived['ratio']:.3f} {protocol.format_ci(derived['ratio_ci'])}"
+    assert lines[2] == (
+        f"| testtime_oracle | 0.9930 (0.051) | 0.0068 | 0.9996 | 0.1 | {ratio} "
+        f"| {derived['median_ratio']:.3f} | {derived['improved']}/{derived['n_test']} |"
+    )
+    assert lines[3].endswith("| — | — | — | — |")
+
+
+def test_probes_table_recomputes_ratio_and_interval_from_raw_errors(tmp_path: Path) -> None:
+    """``real_pendulum.probes``: a probe's error, ratio, interval and whole-segment ratio come
+    from its raw errors against vanilla's, not from the stored figures."""
+    path, _ = _report(tmp_path, "toy")
+    report = json.loads(path.read_text())
+    base = np.asarray(report["raw"]["vanilla"])
+    report["raw_whole_errors"] = {"vanilla": [1.0, 3.0]}
+    report["diagnostics"] = {
+        "euler": {
+            "ratio": 123.0,
+            "ratio_ci": [0.0, 0.0],
+            "whole_ratio": 123.0,
+            "energy_change": 1.1148,
+            "raw_errors": (base * 4.0).tolist(),
+            "raw_whole_errors": [6.0, 10.0],
+        }
+    }
+    lines = rederive.named_table("toy.probes", {"toy": report}).splitlines()
+    assert lines[0] == "| probe (not a row) | error | ratio | 95% CI | whole | ΔE / window |"
+    error = protocol.rmse(base * 4.0)
+    assert lines[2] == f"| euler | {error:.4f} | 2.000 | [2.000, 2.000] | 2.000 | +1.115 |"
+    with pytest.raises(ValueError, match="diagnostics"):
+        rederive.probes_table({**report, "diagnostics": {}})
+
+
+def test_newcomer_table_recomputes_ratios_from_per_seed_errors(tmp_path: Path) -> None:
+    """``newcomer``: per range, the mean per-seed RMSE and the mean of the per-seed ratios to
+    ``plain`` (recomputed from the per-seed RMSEs, not the stored ratios); the newcomer's JSON
+    has no raw errors, so it is a table source, not a protocol report to check."""
+
+    def cell(errors: list[float], improved: int) -> dict:  # type: ignore[type-arg]
+        return {"error": 0.0, "ratio": 9.0, "improved": improved, "n": 6, "per_seed_error": errors}
+
+    report = {
+        "example": "newcomer",
+        "rows": {
+            "plain": {"in_range": cell([0.2, 0.4], 0), "out_of_range": cell([1.0, 1.0], 0)},
+            "tuned": {"in_range": cell([0.1, 0.3], 4), "out_of_range": cell([2.0, 0.5], 3)},
+        },
+    }
+    assert rederive.is_table_only(report) and not rederive.is_report(report)
+    lines = rederive.named_table("newcomer", {"newcomer": report}).splitlines()
+    assert lines[0].startswith("| row | in range: error | ratio (per seed) | improved |")
+    assert lines[2] == (
+        "| `plain` | 0.3000 | 1.000× (1.000, 1.000) | 0/6 | 1.0000 | 1.000× (1.000, 1.000) | 0/6 |"
+    )
+    assert lines[3] == (
+        "| `tuned` | 0.2000 | 0.625× (0.500, 0.750) | 4/6 | 1.2500 | 1.250× (2.000, 0.500) | 3/6 |"
+    )
+    path = tmp_path / "newcomer.json"
+    path.write_text(json.dumps(report))
+    page = tmp_path / "page.md"
+    page.write_text("<!-- table:newcomer -->\n<!-- /table -->\n")
+    assert rederive.main([str(path), "--write-docs", str(page)]) == 0
+    assert lines[3] in page.read_text()
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -297,7 +399,7 @@ def _committed_reports() -> dict[str, dict]:  # type: ignore[type-arg]
     reports = {}
     for path in sorted(RESULTS.glob("*.json")):
         report = json.loads(path.read_text())
-        if (rederive.is_report(report) and "raw" in report) or report.get("benchmark"):
+        if (rederive.is_report(report) and "raw" in report) or rederive.is_table_only(report):
             reports[path.stem] = report
     return reports
 
