@@ -5,7 +5,8 @@ docs/compatibility.md, and the affine path against the batch-shared step.
     python benchmarks/compat.py --quick          # a smoke run
 
 Every cell: median wall time of a training step (forward, MSE backward, SGD step) over
-interleaved repetitions, at k = 1, as a ratio to the unwrapped model's step on the same batch.
+interleaved repetitions, at k = 1, as a ratio to the unwrapped model's step on the same batch;
+beside it the floor, a hand-written batch-shared inner step over every weight (``hand``).
 One thread unless --threads says otherwise. The JSON keeps every repetition's seconds and the
 provenance (torch version, threads, commit, command line); docs/performance.md's wrapped/unwrapped
 table is generated from it by examples/rederive.py.
@@ -28,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import protocol  # noqa: E402
 from test_affine import _Seq2Seq, _Transformer  # noqa: E402
+from torch.func import functional_call  # noqa: E402
 
-from noether_wrap import Affine, NoetherWrapper, Rollout  # noqa: E402
+from noether_wrap import Affine, NoetherWrapper, Rollout, noether_loss  # noqa: E402
+from noether_wrap._inner.call import math_attention  # noqa: E402
 from noether_wrap.embeddings import MLPEmbedding  # noqa: E402
 
 
@@ -73,6 +76,27 @@ def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[
         opt.step()
 
     return run
+
+
+class _Hand(nn.Module):
+    """The floor: a hand-written batch-shared inner step over every weight (``functional_call``
+    and one ``autograd.grad(create_graph=True)``, nothing else; benchmarks/tailoring.py's
+    ``hand_tailor``), then the prediction with the stepped weights."""
+
+    def __init__(self, model: nn.Module, embedding: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.embedding = embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = dict(self.model.named_parameters())
+        x0 = x if x.dim() == 2 else x[:, -1]  # the wrapper's default reference
+        with torch.enable_grad(), math_attention():  # fused attention has no double backward
+            loss = noether_loss(x0, functional_call(self.model, params, (x,)), self.embedding)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            stepped = {n: p - 1e-3 * g for (n, p), g in zip(params.items(), grads)}
+            out: torch.Tensor = functional_call(self.model, stepped, (x,))
+        return out
 
 
 def _time(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
@@ -145,8 +169,14 @@ def main() -> None:
         torch.manual_seed(0)
         model = make()
         x, y = data(batch)
-        net = NoetherWrapper(model, MLPEmbedding(2), inner_lr=1e-3, **kwargs)  # type: ignore[arg-type]
-        raw = _time({"plain": _step(model, x, y), "wrapped": _step(net, x, y)}, reps)
+        embedding = MLPEmbedding(2)
+        net = NoetherWrapper(model, embedding, inner_lr=1e-3, **kwargs)  # type: ignore[arg-type]
+        steps = {
+            "plain": _step(model, x, y),
+            "wrapped": _step(net, x, y),
+            "hand": _step(_Hand(model, embedding), x, y),
+        }
+        raw = _time(steps, reps)
         times = _median(raw)
         net(x)
         ratio = times["wrapped"] / times["plain"]
@@ -159,7 +189,10 @@ def main() -> None:
             "inner_steps": net.inner_steps,
             "seconds": raw,
         }
-        print(f"{name:<28} path {net.last_path:<8} wrapped/unwrapped {ratio:.2f}")
+        print(
+            f"{name:<40} path {net.last_path:<8} wrapped/unwrapped {ratio:.2f}  "
+            f"hand-written shared/unwrapped {times['hand'] / times['plain']:.2f}"
+        )
 
     for batch in (16, 256):
         torch.manual_seed(0)

@@ -294,8 +294,8 @@ def memory_table(report: Mapping[str, Any]) -> str:
 
 def compat_table(report: Mapping[str, Any]) -> str:
     """docs/compatibility.md's table from ``benchmarks/compat.py``'s JSON: per model its
-    ``adapt``, the path it took and the median wrapped training step over the median unwrapped
-    one (k and B in the header, from the JSON)."""
+    ``adapt``, the path it took, the median wrapped training step over the median unwrapped one
+    (k and B in the header, from the JSON) and the hand-written shared step's (the floor)."""
     models = report["models"]
     first = next(iter(models.values()))
     head = [
@@ -303,12 +303,15 @@ def compat_table(report: Mapping[str, Any]) -> str:
         "`adapt`",
         "path",
         f"wrapped step / unwrapped step (k = {first['inner_steps']}, B = {first['batch']})",
+        "hand-written shared step / unwrapped",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in models.items():
         adapt = m["adapt"] if m["adapt"] == "all weights" else f"`{m['adapt']}`"
         ratio = _median_ratio(m["seconds"], "wrapped", "plain")
-        lines.append(f"| {name} | {adapt} | {m['path']} | {ratio:.2f}× |")
+        hand = _median_ratio(m["seconds"], "hand", "plain") if "hand" in m["seconds"] else None
+        floor = "—" if hand is None else f"{hand:.2f}×"
+        lines.append(f"| {name} | {adapt} | {m['path']} | {ratio:.2f}× | {floor} |")
     return "\n".join(lines)
 
 

@@ -288,7 +288,7 @@ def test_benchmark_tables_are_medians_of_the_stored_repetitions() -> None:
     }
     lines = rederive.named_table("c", {"c": compat}).splitlines()
     assert "k = 1, B = 16" in lines[0]
-    assert lines[2] == '| GRU | `Affine("decoder")` | affine | 3.00× |'
+    assert lines[2] == '| GRU | `Affine("decoder")` | affine | 3.00× | — |'
     probe = rederive.named_table("c.probe", {"c": compat}).splitlines()
     assert probe[2] == "| B=16 | 2.00× | 4.00× | 0.50× |"
 
