@@ -152,6 +152,11 @@ def table(report: Mapping[str, Any]) -> str:
     return protocol.markdown_table(rederived_report(report), extra)
 
 
+def _big(value: float) -> str:
+    """A ratio to three decimals, or in scientific notation where a blown-up step made it huge."""
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1e}"
+
+
 def curves_table(report: Mapping[str, Any]) -> str:
     """The k-curves (``--test-steps``) of a report: per k, plain and backtracking steps, the
     ratio to vanilla with its nested-bootstrap interval and the median per-sequence ratio
@@ -179,9 +184,14 @@ def curves_table(report: Mapping[str, Any]) -> str:
                 median = float(np.median(np.sqrt(err / base)))
             stored = curves[name][k]
             cells += [
-                f"{ratio:.3f} {protocol.format_ci(ci)}" if finite else "inf (non-finite)",
+                f"{_big(ratio)} [{_big(ci[0])}, {_big(ci[1])}]"
+                if finite and ci is not None
+                else "inf (non-finite)",
                 f"{median:.3f}",
-                f"{stored['validation_error']:.4f}",
+                # null in the JSON: a non-finite validation error (a step that blew up)
+                "non-finite"
+                if stored["validation_error"] is None
+                else f"{stored['validation_error']:.5f}",
                 f"{stored['seconds']:.1f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -250,7 +250,7 @@ def test_curves_table_recomputes_ratios_from_raw_test_steps(tmp_path: Path) -> N
         "oracle_none": {k: {"validation_error": 0.5, "seconds": 1.0} for k in ("1", "2")}
     }
     lines = rederive.named_table("toy.curves", {"toy": report}).splitlines()
-    assert lines[2].startswith("| 1 | 0.900 [0.900, 0.900] | 0.900 | 0.5000 | 1.0")
+    assert lines[2].startswith("| 1 | 0.900 [0.900, 0.900] | 0.900 | 0.50000 | 1.0")
     assert "inf (non-finite)" in lines[3]
     with pytest.raises(KeyError, match="kind"):
         rederive.named_table("toy.nope", {"toy": report})
