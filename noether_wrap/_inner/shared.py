@@ -77,7 +77,10 @@ class WeightStepper:
                 )
             warn_if_graphless(call, found)
             grads = dict(zip(point, found))
-        squared = _squared_norm(grads) if call.needs_norm else loss.new_zeros(1)
+        # always computed: one pass over the weights' gradients; a zero built from the loss
+        # would be batched inside vmap where a zero gradient is not, moving a lane onto another
+        # matmul kernel (a no-op step would then change the prediction by rounding)
+        squared = _squared_norm(grads)
         return Gradient(point, output, loss, grads, squared, _finite(grads))
 
     def step(self, state: Params, direction: Any, scale: Tensor) -> Params:
