@@ -37,7 +37,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -469,6 +469,17 @@ def newcomer_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: ``NAME.kind`` table kinds, each built from the one report ``NAME.json``.
+KINDS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "curves": curves_table,
+    "memory": memory_table,
+    "probe": compat_probe_table,
+    "embeddings": embeddings_table,
+    "embeddings_rows": embeddings_rows_table,
+    "probes": probes_table,
+}
+
+
 def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
     """The table a ``<!-- table:NAME -->`` block names (see the module docstring)."""
     if name == "summary":
@@ -477,18 +488,8 @@ def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
     if stem not in reports:
         raise KeyError(f"a table block names {name}, no {stem}.json given")
     report = reports[stem]
-    if kind == "curves":
-        return curves_table(report)
-    if kind == "memory":
-        return memory_table(report)
-    if kind == "probe":
-        return compat_probe_table(report)
-    if kind == "embeddings":
-        return embeddings_table(report)
-    if kind == "embeddings_rows":
-        return embeddings_rows_table(report)
-    if kind == "probes":
-        return probes_table(report)
+    if kind in KINDS:
+        return KINDS[kind](report)
     if kind:
         raise KeyError(f"unknown table kind {kind!r} in {name}")
     if report.get("example") == "newcomer":

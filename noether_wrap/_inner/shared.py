@@ -77,11 +77,10 @@ class WeightStepper:
                 )
             warn_if_graphless(call, found)
             grads = dict(zip(point, found))
-        # always computed: one pass over the weights' gradients; a zero built from the loss
-        # would be batched inside vmap where a zero gradient is not, moving a lane onto another
-        # matmul kernel (a no-op step would then change the prediction by rounding)
-        squared = _squared_norm(grads)
-        return Gradient(point, output, loss, grads, squared, _finite(grads))
+        # the norm is always computed (one pass over the weights' gradients): a zero built from
+        # the loss would be batched inside vmap where a zero gradient is not, and move a lane
+        # onto another matmul kernel, so a no-op step would change the prediction by rounding
+        return Gradient(point, output, loss, grads, _squared_norm(grads), _finite(grads))
 
     def step(self, state: Params, direction: Any, scale: Tensor) -> Params:
         factor = scale.reshape(())
