@@ -33,37 +33,62 @@ class PathUnsupported(ValueError):
     """The model runs, but the chosen per-sample path cannot tailor it (no vmap rule, ...)."""
 
 
-def noether_loss_fn(options: Options, embedding: Callable[[Tensor], Tensor]) -> _inner.call.LossFn:
+def _layout_hint(x0: Tensor, output: Tensor, time_dim: int) -> str:
+    """What to change when the model's output and its reference disagree: a ``time_dim`` that
+    puts the state where the reference has it, else ``reference``."""
+    state = tuple(x0.shape[1:])
+    for dim in range(1, output.dim()):
+        if dim != time_dim and tuple(output.movedim(dim, 1).shape[2:]) == state:
+            return (
+                f" The output's time axis looks like dim {dim}, not `time_dim` (={time_dim}): "
+                f"pass time_dim={dim}."
+            )
+    return " Pass `reference` (inputs -> x0) when `inputs` is not the state itself."
+
+
+def _frames(options: Options, inputs: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
+    """``(frames, predictions)``: the reference frames ``(batch, r, *state)`` and the whole
+    output with time at dim 1, ``(batch, T, *state)``, after checking the layout."""
+    if not isinstance(output, Tensor):
+        raise TypeError(f"`model` must return a Tensor, got {type(output).__name__}.")
+    time_dim = options.time_dim
+    if output.dim() < 3 or output.dim() <= time_dim:
+        raise ValueError(
+            f"`model` output must have a time axis: (batch, T, *state) with time at "
+            f"`time_dim` (={time_dim}) and at least one state axis; got shape "
+            f"{tuple(output.shape)}. Wrap a one-step model in Rollout, or use shape "
+            "(batch, T, 1) for a scalar series."
+        )
+    predictions = output.movedim(time_dim, 1)
+    if options.reference is not None:
+        x0 = options.reference(inputs)
+    elif inputs.dim() == output.dim():
+        x0 = inputs.movedim(time_dim, 1)
+    else:
+        x0 = inputs
+    try:
+        frames = as_reference_frames(x0, predictions, time_dim)
+    except ValueError as error:
+        raise ValueError(
+            f"`model` output and its reference disagree: {error}"
+            + _layout_hint(x0, output, time_dim)
+        ) from None
+    return frames, predictions
+
+
+def noether_loss_fn(
+    options: Options, embedding: Callable[[Tensor], Tensor], horizons: list[int] | None = None
+) -> _inner.call.LossFn:
     """``(inputs, output) -> (batch,)``: each sequence's Noether loss of ``output = model(inputs)``
-    under ``options`` (time axis, horizon, reference, window, form, distance)."""
+    under ``options`` (time axis, horizon, reference, window, form, distance). ``horizons``, when
+    given, receives the number of predicted steps each evaluation read."""
 
     def loss(inputs: Tensor, output: Tensor) -> Tensor:
-        if not isinstance(output, Tensor):
-            raise TypeError(f"`model` must return a Tensor, got {type(output).__name__}.")
-        time_dim = options.time_dim
-        if output.dim() < 3 or output.dim() <= time_dim:
-            raise ValueError(
-                f"`model` output must have a time axis: (batch, T, *state) with time at "
-                f"`time_dim` (={time_dim}) and at least one state axis; got shape "
-                f"{tuple(output.shape)}. Wrap a one-step model in Rollout, or use shape "
-                "(batch, T, 1) for a scalar series."
-            )
-        predictions = output.movedim(time_dim, 1)
+        frames, predictions = _frames(options, inputs, output)
         if options.inner_horizon is not None:
             predictions = predictions[:, : options.inner_horizon]
-        if options.reference is not None:
-            x0 = options.reference(inputs)
-        elif inputs.dim() == output.dim():
-            x0 = inputs.movedim(time_dim, 1)
-        else:
-            x0 = inputs
-        try:
-            frames = as_reference_frames(x0, predictions, time_dim)
-        except ValueError as error:
-            raise ValueError(
-                f"`model` output and its reference disagree: {error} Pass `reference` "
-                "(inputs -> x0) when `inputs` is not the state itself."
-            ) from None
+        if horizons is not None:
+            horizons.append(int(predictions.shape[1]))
         if frames.shape[1] < options.window:
             raise ValueError(
                 f"the reference must provide at least `window` (={options.window}) frames, got "
@@ -74,6 +99,22 @@ def noether_loss_fn(options: Options, embedding: Callable[[Tensor], Tensor]) -> 
         )
 
     return loss
+
+
+def move_fn(options: Options) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``(inputs, plain, tailored) -> (batch,)``: how far each tailored rollout moved from the
+    plain one, ``‖tailored − plain‖ / ‖plain − x0‖`` over all steps and state (``x0`` the last
+    reference frame): scale-free, so one guard τ means the same for every system and horizon."""
+
+    def move(inputs: Tensor, plain: Tensor, tailored: Tensor) -> Tensor:
+        frames, predictions = _frames(options, inputs, plain)
+        start = frames[:, -1:].to(predictions.dtype)
+        own = (predictions - start).flatten(1).norm(dim=1)
+        moved = (tailored - plain).flatten(1).norm(dim=1)
+        tiny = torch.finfo(own.dtype).tiny
+        return torch.where(moved > 0, moved / own.clamp(min=tiny), torch.zeros_like(moved))
+
+    return move
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]
@@ -108,11 +149,17 @@ def run_call(
             inputs = inputs.clone()
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
-        call = _make_call(net, inputs, args, kwargs, steps, need_final_loss)
+        horizons: list[int] = []
+        call = _make_call(net, inputs, args, kwargs, steps, need_final_loss, horizons)
         result = _run(net, call, materialise)
     if forward:
         _write_back_buffers(net.model, result.buffers)
+        if net.options.keep_if_better:
+            better = result.losses[:, -1] < result.losses[:, 0]
+            result = result._replace(prediction=select(better, result.prediction, result.initial))
         _warn_if_diverged(net.options, result.losses)
+        _warn_if_blown_up(result)
+        _check_horizon(net, horizons[0] if horizons else None)
     return result
 
 
@@ -153,7 +200,7 @@ def _run(net: NoetherWrapper, call: Call, materialise: bool) -> InnerResult:
 
 def _make_call(
     net: NoetherWrapper, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
-    steps: int, need_final_loss: bool,
+    steps: int, need_final_loss: bool, horizons: list[int] | None = None,
 ) -> Call:  # fmt: skip
     options = net.options
     differentiable = torch.is_grad_enabled()
@@ -163,7 +210,7 @@ def _make_call(
         model=net.model,
         predict=None if predict is None else _inner.Bound(net.model, predict),
         buffers=dict(net.model.named_buffers()),
-        loss=noether_loss_fn(options, net.embedding),
+        loss=noether_loss_fn(options, net.embedding, horizons),
         inputs=inputs,
         args=args,
         kwargs=kwargs,
@@ -172,6 +219,9 @@ def _make_call(
         step_rule=options.step_rule,
         step_control=options.step_control,
         max_grad_norm=options.max_inner_grad_norm,
+        polyak_cap=options.polyak_cap,
+        guard=options.guard,
+        move=move_fn(options),
         create_graph=differentiable and not options.first_order,
         differentiable=differentiable,
         need_final_loss=need_final_loss,
@@ -246,8 +296,11 @@ def _recover(call: Call, runner: Runner, params: Params, result: InnerResult) ->
     if not call.differentiable:
         initial = initial.detach()
     untailored = None if result.params is None else _untailored_like(params, result.params)
+    unmoved = None if result.moves is None else torch.zeros_like(result.moves.detach())
     if not bool(ok.any()):  # a shared step's one flag, or every sequence failed
-        return InnerResult(initial, initial, result.losses.detach(), ok, untailored, buffers)
+        return InnerResult(
+            initial, initial, result.losses.detach(), ok, untailored, buffers, unmoved
+        )
     keep = ok.nonzero().squeeze(1)
     names = tuple(call.kwargs)
     sub_kwargs = dict(zip(names, _split(tuple(call.kwargs.values()), keep, batch)))
@@ -258,7 +311,10 @@ def _recover(call: Call, runner: Runner, params: Params, result: InnerResult) ->
     adapted = None
     if sub.params is not None and untailored is not None:
         adapted = {n: untailored[n].index_copy(0, keep, sub.params[n]) for n in sub.params}
-    return InnerResult(prediction, initial, losses, ok, adapted, None)
+    moves = None
+    if unmoved is not None and sub.moves is not None:
+        moves = unmoved.index_copy(0, keep, sub.moves.detach())
+    return InnerResult(prediction, initial, losses, ok, adapted, None, moves)
 
 
 def _untailored_like(params: Params, adapted: Params) -> Params:
@@ -324,7 +380,8 @@ def _path_error(call: Call, path: str, error: RuntimeError) -> ValueError:
 def _warn_if_no_op(net: NoetherWrapper, result: InnerResult) -> None:
     """Warn (once per wrapper) when the inner steps left the prediction exactly as it was
     although the Noether loss was not zero: the adapted parameters do not reach the loss."""
-    held_back = net.options.step_control == "backtrack"  # may reject every step, by design
+    # backtracking may reject every step, and the guard every prediction, by design
+    held_back = net.options.step_control == "backtrack" or net.options.guard is not None
     if held_back or net._warned_no_op or result.prediction.shape != result.initial.shape:
         return
     moved = not torch.equal(result.prediction.detach(), result.initial.detach())
@@ -356,11 +413,20 @@ def _write_back_buffers(model: nn.Module, final: Params | None) -> None:
 
 def _warn_if_diverged(options: Options, losses: Tensor) -> None:
     """Warn when tailoring raised some sequence's Noether loss by more than ``DIVERGED``-fold:
-    a finite blow-up (e.g. inputs far outside the data) that no non-finite check sees."""
+    a finite blow-up (e.g. inputs far outside the data) that no non-finite check sees. The count
+    is over the sequences whose later losses were computed (a sample of a large batch)."""
     first, later = losses[:, :1].detach(), losses[:, 1:].detach()
     grew = (later > DIVERGED * first).any(dim=1)  # NaN (a loss not computed) never counts
     if not bool(grew.any()):
         return
+    checked = int((~torch.isnan(later)).any(dim=1).sum())
+    batch = losses.shape[0]
+    among = (
+        f"{int(grew.sum())} of the {checked} sequence(s) checked (a sample of the batch of "
+        f"{batch}; return_info=True checks all)"
+        if checked < batch
+        else f"{int(grew.sum())} of {batch} sequence(s)"
+    )
     remedies = [
         "step_control='backtrack'" if options.step_control != "backtrack" else None,
         "keep_if_better=True" if not options.keep_if_better else None,
@@ -371,9 +437,64 @@ def _warn_if_diverged(options: Options, losses: Tensor) -> None:
     kept = " (keep_if_better keeps their untailored prediction)" if options.keep_if_better else ""
     warn(
         f"NoetherWrapper: tailoring raised the Noether loss more than 1000-fold for "
-        f"{int(grew.sum())} of {losses.shape[0]} sequence(s){kept}: the inner step diverged "
+        f"{among}{kept}: the inner step diverged "
         "(inputs far from the data, or a step too large). Consider "
         f"{', '.join(r for r in remedies if r)}.",
+        RuntimeWarning,
+    )
+
+
+#: A tailored prediction reaching this many times the untailored one's half-range from its
+#: centre counts as blown up.
+BLOWN_UP = 10.0
+
+
+def _warn_if_blown_up(result: InnerResult) -> None:
+    """Warn when a returned prediction lies more than ``BLOWN_UP`` times outside the untailored
+    prediction's range (per sequence, over the whole batch): a finite blow-up on any path,
+    whatever the Noether loss says."""
+    prediction, initial = result.prediction.detach(), result.initial.detach()
+    if prediction.shape != initial.shape or not prediction.is_floating_point():
+        return
+    flat, base = prediction.flatten(1), initial.flatten(1)
+    high, low = base.amax(1, keepdim=True), base.amin(1, keepdim=True)
+    centre, half = (high + low) / 2, ((high - low) / 2).clamp(min=torch.finfo(base.dtype).tiny)
+    reach = ((flat - centre).abs().amax(1, keepdim=True) / half).squeeze(1)
+    blown = reach > BLOWN_UP
+    if not bool(blown.any()):
+        return
+    warn(
+        f"NoetherWrapper: the tailored prediction of {int(blown.sum())} of {prediction.shape[0]} "
+        f"sequence(s) lies more than {BLOWN_UP:g}x outside the untailored prediction's range "
+        f"(up to {float(reach[blown].max()):.3g}x): the inner step went far. Consider `guard` "
+        "(keeps the plain prediction where tailoring moved it too far), step_rule='polyak', "
+        "step_control='backtrack' or a smaller `inner_lr`.",
+        RuntimeWarning,
+    )
+
+
+def _check_horizon(net: NoetherWrapper, horizon: int | None) -> None:
+    """A fixed step is specific to the rollout horizon it was chosen at (the Noether loss sums
+    over the steps, so its gradient grows with the horizon): record the horizon a learned step
+    trains at, and warn once when a call's horizon differs from the recorded one. The Polyak
+    rule is scale-free in the loss, so its fraction carries over."""
+    options = net.options
+    if horizon is None or options.step_rule != "fixed":
+        return
+    learning = net.training and torch.is_grad_enabled() and net.log_inner_lr.requires_grad
+    if options.step_horizon is None:
+        if learning:
+            net.step_horizon = horizon
+        return
+    if horizon == options.step_horizon or net._warned_horizon:
+        return
+    net._warned_horizon = True
+    warn(
+        f"NoetherWrapper: this fixed step (inner_lr={net.inner_lr:.3g}) was chosen at a rollout "
+        f"horizon of {options.step_horizon} steps (`step_horizon`), but this call's Noether loss "
+        f"reads {horizon}: the loss and its gradient grow with the horizon, so the step may be "
+        f"too large. Tune it again at this horizon, pass inner_horizon={options.step_horizon}, "
+        "or use step_rule='polyak' (scale-free).",
         RuntimeWarning,
     )
 
@@ -456,10 +577,14 @@ def tailor(
             n: (p.expand(batch, *p.shape[1:]) if n not in own else p.expand(batch, *p.shape))
             for n, p in params.items()
         }
+    revert = torch.zeros(batch, dtype=torch.bool, device=inputs.device)
     if options.keep_if_better:
-        worse = result.losses[:, -1] >= result.losses[:, 0]
+        revert = revert | (result.losses[:, -1] >= result.losses[:, 0])
+    if options.guard is not None and result.moves is not None:
+        revert = revert | ~(result.moves <= options.guard)
+    if bool(revert.any()):
         params = {
-            n: select(~worse, p, u)
+            n: select(~revert, p, u)
             for (n, p), u in zip(params.items(), _untailored_like(own, params).values())
         }
     return params
@@ -499,7 +624,13 @@ def _one_by_one(
         torch.cat([p.losses for p in parts]),
         torch.cat([p.ok for p in parts]),
         {n: torch.stack([f[n] for f in found]) for n in found[0]},
+        moves=_cat_moves([p.moves for p in parts], batch),
     )
+
+
+def _cat_moves(moves: list[Tensor | None], batch: int) -> Tensor | None:
+    found = [m for m in moves if m is not None]
+    return torch.cat(found) if len(found) == batch else None
 
 
 def tailored_model(
@@ -513,11 +644,11 @@ def tailored_model(
     :meth:`NoetherWrapper.tailored_model`)."""
     params = tailor(net, inputs, args, kwargs, per_sequence=True)
     batch = inputs.shape[0]
-    differ = net.options.per_sample or net.options.keep_if_better
+    differ = net.options.per_sample or net.options.keep_if_better or net.options.guard is not None
     if index is None and batch != 1 and differ:
         raise ValueError(
             f"`index` is required for a batch of {batch}: each sequence's tailored weights "
-            "can differ (per_sample, or keep_if_better)."
+            "can differ (per_sample, keep_if_better or guard)."
         )
     i = 0 if index is None else index
     if not -batch <= i < batch:

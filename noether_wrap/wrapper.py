@@ -29,6 +29,9 @@ from noether_wrap._options import (
     PerSamplePath,
     StepControl,
     StepRule,
+    load_settings,
+    near_option,
+    saved_settings,
     select_adapted,
 )
 from noether_wrap._warn import warn
@@ -46,12 +49,18 @@ class TailorOutput(NamedTuple):
         prediction: the tailored prediction, shaped like the wrapped model's output.
         initial_prediction: the prediction before any inner step, same shape.
         noether_losses: ``(batch, inner_steps + 1)``, each sequence's Noether loss before every
-            inner step and after the last one.
+            inner step and after the last one (of the returned prediction: where the guard kept
+            the plain prediction, the last equals the first).
+        moves: ``(batch,)``, with a ``guard``: how far each tailored rollout moved from the
+            plain one, relative to the plain rollout's displacement from its start; else None.
+        guarded: ``(batch,)`` bool, with a ``guard``: True where it kept the plain prediction.
     """
 
     prediction: Tensor
     initial_prediction: Tensor
     noether_losses: Tensor
+    moves: Tensor | None = None
+    guarded: Tensor | None = None
 
 
 class NoetherWrapper(nn.Module):
@@ -77,7 +86,18 @@ class NoetherWrapper(nn.Module):
         learn_inner_lr: whether ``log_inner_lr`` is a Parameter (else a buffer).
         step_rule: ``"fixed"``: ``θ ← θ − lr ∇L``. ``"polyak"``: per sequence (the batch mean
             when shared) ``θ ← θ − γ L / ‖∇L‖² ∇L``: scale-free, the same γ means the same for
-            every ``g``, model, horizon and data scale; zero loss gives a zero step.
+            every ``g``, model, horizon and data scale; zero loss gives a zero step. The loss is
+            a squared residual, so γ = 1 removes half of it to first order and γ = 2 is the
+            Gauss–Newton step.
+        polyak_cap: a Polyak step moves the adapted parameters by at most this fraction of their
+            norm (the affines' identity's norm on the affine path), so a vanishing gradient with
+            a non-zero loss (a saturated ``g``) never gives an unbounded step; None: uncapped.
+        guard: τ > 0, or None (off). Per sequence, the tailored prediction is replaced by the
+            untailored one where the tailored rollout moved from the plain rollout by more than
+            τ times the plain rollout's own displacement from its start
+            (``‖ŷ − ŷ₀‖ / ‖ŷ₀ − x₀‖ > τ``): tailoring may correct a prediction, not send it
+            elsewhere. Decided without autograd (a constant in the backward), on every path;
+            ``return_info`` reports each sequence's move and decision.
         loss_form: ``"anchor"`` (compare to the start) or ``"chain"`` (to the previous step).
         distance: ``"mse"`` or ``"cosine"``.
         window: frames the embedding sees at once.
@@ -93,6 +113,10 @@ class NoetherWrapper(nn.Module):
             last ``window`` frames along ``time_dim``.
         time_dim: the time axis of the model's output (and of ``inputs`` if it has one).
         inner_horizon: the Noether loss uses only the first ``inner_horizon`` predicted steps.
+        step_horizon: the rollout horizon a fixed step was chosen at; :func:`~noether_wrap.tune`
+            sets it, and a training call records it when the step is learned. A call whose
+            Noether loss reads another horizon warns once (a fixed step is horizon-specific;
+            the Polyak fraction is not).
         keep_if_better: per sequence, keep the untailored prediction where tailoring did not
             lower the Noether loss.
         max_inner_grad_norm: clip each inner gradient (per sequence when ``per_sample``).
@@ -108,6 +132,11 @@ class NoetherWrapper(nn.Module):
     Attributes:
         last_path: the path the last call took: ``"shared"``, ``"lowrank"``, ``"vmap"`` or
             ``"affine"``.
+
+    Settings are state: ``state_dict()`` carries every option with a plain value (everything
+    :func:`~noether_wrap.tune` or an assignment sets: ``inner_steps``, ``step_rule``, ``guard``,
+    ``step_horizon``, ...) beside ``log_inner_lr``, so a wrapper built with defaults and loaded
+    from it predicts the same. A load that overrides an option set away from its default warns.
 
     Shapes:
         ``forward(inputs, *args, return_info=False, inner_steps=None, **kwargs)``: the
@@ -127,6 +156,9 @@ class NoetherWrapper(nn.Module):
     options: Options
     # The options, read and written as attributes (checked on assignment, see __setattr__).
     inner_steps: int
+    polyak_cap: float | None
+    guard: float | None
+    step_horizon: int | None
     loss_form: LossForm
     distance: Distance
     window: int
@@ -166,17 +198,17 @@ class NoetherWrapper(nn.Module):
         predict: Callable[..., Tensor] | None = None,
         per_sample_path: PerSamplePath = "auto",
         step_control: StepControl = "none",
+        polyak_cap: float | None = Options.polyak_cap,
+        guard: float | None = None,
+        step_horizon: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` (type: {type(model).__name__}) is not an nn.Module.")
         if not callable(embedding):
             raise TypeError(f"`embedding` (type: {type(embedding).__name__}) is not callable.")
-        options = Options(
-            inner_steps, loss_form, distance, window, per_sample, adapt, first_order, reference,
-            time_dim, inner_horizon, keep_if_better, max_inner_grad_norm, predict,
-            per_sample_path, step_control, step_rule,
-        )  # fmt: skip
+        given = locals()
+        options = Options(**{name: given[name] for name in OPTION_NAMES})
         if inner_lr is None:
             inner_lr = DEFAULT_POLYAK_FRACTION if step_rule == "polyak" else DEFAULT_FIXED_STEP
         check_positive_float("inner_lr", inner_lr)
@@ -194,6 +226,7 @@ class NoetherWrapper(nn.Module):
         object.__setattr__(self, "options", options)
         self.last_path: str | None = None
         self._warned_no_op = False
+        self._warned_horizon = False
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
         log_lr = torch.tensor(
             math.log(inner_lr),
@@ -205,6 +238,7 @@ class NoetherWrapper(nn.Module):
         else:
             self.register_buffer("log_inner_lr", log_lr)
         self.adapted_names()  # fail now, not at the first call, if `adapt` selects nothing
+        self.register_load_state_dict_pre_hook(self._settings_missing)  # type: ignore[no-untyped-call]
         trainable_g = isinstance(embedding, nn.Module) and any(
             p.requires_grad for p in embedding.parameters()
         )
@@ -225,8 +259,50 @@ class NoetherWrapper(nn.Module):
                 except ValueError:
                     object.__setattr__(self, "options", before)
                     raise
+            if name in ("inner_horizon", "step_rule"):
+                self._warned_horizon = False
             return
+        near = near_option(name)
+        if near is not None and name not in self.__dict__:
+            raise AttributeError(
+                f"`{name}` is not an option of NoetherWrapper; did you mean `{near}`? (An "
+                "assignment to a new attribute would be ignored by the wrapper.)"
+            )
         super().__setattr__(name, value)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The settings ``state_dict()`` carries: every option with a plain value."""
+        return {"version": 1, "options": saved_settings(self.options)}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Apply saved settings (see :meth:`get_extra_state`); warn where they override an
+        option this wrapper had set away from its default."""
+        if not isinstance(state, dict) or not isinstance(state.get("options"), dict):
+            raise ValueError(
+                "the NoetherWrapper settings in this state_dict (`_extra_state`) are not a dict "
+                f"with an 'options' entry; got {type(state).__name__}."
+            )
+        options, overridden = load_settings(self.options, state["options"])
+        if overridden:
+            changes = ", ".join(
+                f"{n}={getattr(self.options, n)!r} -> {getattr(options, n)!r}" for n in overridden
+            )
+            warn(
+                f"NoetherWrapper.load_state_dict: the saved settings override options this "
+                f"wrapper was built or set with: {changes}. Settings are state (what `tune` or "
+                "an assignment set travels with the weights); assign them again after loading "
+                "to keep your own."
+            )
+        object.__setattr__(self, "options", options)
+        self._warned_horizon = False
+
+    @staticmethod
+    def _settings_missing(
+        module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+    ) -> None:
+        """A state_dict saved before settings were state has no ``_extra_state``: keep the
+        wrapper's own settings instead of failing a strict load."""
+        state_dict.setdefault(prefix + "_extra_state", module.get_extra_state())
 
     def __getattr__(self, name: str) -> Any:
         if name in OPTION_NAMES:
@@ -305,23 +381,21 @@ class NoetherWrapper(nn.Module):
         self._check(inputs)
         if steps == 0:
             return _engine.untailored(self, inputs, args, kwargs, return_info)
-        keep = self.options.keep_if_better
         result: InnerResult = _engine.run_call(
             self,
             inputs,
             args,
             kwargs,
             steps=steps,
-            need_final_loss=return_info or keep,
+            need_final_loss=return_info or self.options.keep_if_better,
             forward=True,
         )
-        prediction = result.prediction
-        if keep:
-            better = result.losses[:, -1] < result.losses[:, 0]
-            prediction = _engine.select(better, prediction, result.initial)
-        if return_info:
-            return TailorOutput(prediction, result.initial, result.losses)
-        return prediction
+        if not return_info:
+            return result.prediction
+        guarded = None
+        if result.moves is not None and self.options.guard is not None:
+            guarded = ~(result.moves <= self.options.guard)
+        return TailorOutput(result.prediction, result.initial, result.losses, result.moves, guarded)
 
     def _check(self, inputs: object) -> None:
         check_inputs(self.model, inputs, has_reference=self.options.reference is not None)

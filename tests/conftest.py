@@ -76,3 +76,17 @@ def gradcheck_weight_and_step(net: NoetherWrapper, x: torch.Tensor) -> bool:
         net.log_inner_lr.detach().clone().requires_grad_(),
     )
     return bool(torch.autograd.gradcheck(fn, inputs))
+
+
+def copy_weights(target: nn.Module, source: nn.Module) -> None:
+    """Load ``source``'s tensors into ``target``, keeping ``target``'s own settings (a wrapper's
+    ``state_dict`` also carries its options, which a plain ``load_state_dict`` would apply)."""
+    tensors = {k: v for k, v in source.state_dict().items() if isinstance(v, torch.Tensor)}
+    target.load_state_dict(tensors)
+
+
+def tensor_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Clones of every tensor of ``module.state_dict()`` (settings left out)."""
+    return {
+        k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)
+    }

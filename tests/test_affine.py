@@ -11,7 +11,7 @@ from torch import nn
 from noether_wrap import Affine, NoetherWrapper
 from noether_wrap.embeddings import MLPEmbedding
 
-from conftest import gradcheck_weight_and_step, make_net
+from conftest import copy_weights, gradcheck_weight_and_step, make_net, tensor_state
 from reference import seq2seq_affine_reference, tailor_affine_reference
 
 
@@ -48,13 +48,13 @@ def test_affine_gradcheck(per_sample: bool, k: int) -> None:
 def test_affine_is_batch_invariant_and_leaves_the_model_alone() -> None:
     net = _net()
     x = torch.randn(6, 2, dtype=torch.float64)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
+    before = tensor_state(net)
     whole = net(x)
     parts = torch.cat([net(x[:2]), net(x[2:5]), net(x[5:])])
     torch.testing.assert_close(whole, parts, rtol=1e-12, atol=1e-12)
     perm = torch.randperm(6)
     torch.testing.assert_close(net(x[perm]), whole[perm], rtol=1e-12, atol=1e-12)
-    for key, value in net.state_dict().items():
+    for key, value in tensor_state(net).items():
         assert torch.equal(before[key], value), key
     assert not torch.allclose(whole, net.model(x))
 
@@ -114,7 +114,7 @@ def test_affine_first_order_keep_if_better_and_clipping() -> None:
             assert bool((norms <= steps * one_step * (1 + 1e-12)).all()), norms
             assert bool((norms > one_step).all()), norms
         free = make_net(horizon=4, inner_steps=steps, inner_lr=0.2, adapt=Affine("step.0"))
-        free.load_state_dict(clipped.state_dict())
+        copy_weights(free, clipped)
         free_norms = torch.cat([v.detach().flatten(1) for v in free.tailor(x).values()], 1)
         assert bool((free_norms.norm(dim=1) > 1e3 * steps * one_step).all())  # clip was active
 

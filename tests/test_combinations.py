@@ -16,6 +16,8 @@ from torch import nn
 from noether_wrap import NoetherWrapper, Rollout
 from noether_wrap.embeddings import MLPEmbedding
 
+from conftest import tensor_state
+
 DIM = 3
 KINDS = ["mlp", "thin_mlp", "bias_free", "buffer", "dropout", "batchnorm_eval", "conv", "context"]
 
@@ -190,7 +192,7 @@ def test_invariants_on_option_combinations(case: Case) -> None:
     model; parameters and buffers never change; every finite input gives a finite output."""
     x = case.inputs()
     net = case.build()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
+    before = tensor_state(net)
     out = _quiet(net, x)
     info = _quiet(net, x, return_info=True)
     torch.testing.assert_close(out, info.prediction, rtol=0, atol=0)
@@ -202,5 +204,5 @@ def test_invariants_on_option_combinations(case: Case) -> None:
     torch.testing.assert_close(torch.cat(halves), out, rtol=1e-9, atol=1e-10)
     shared = case.build(per_sample=False)
     torch.testing.assert_close(_quiet(shared, x[:1]), out[:1], rtol=1e-9, atol=1e-10)
-    for key, value in net.state_dict().items():
+    for key, value in tensor_state(net).items():
         assert torch.equal(before[key], value), key

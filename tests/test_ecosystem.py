@@ -57,7 +57,8 @@ def test_wrapping_a_compiled_model_tailors_the_original_module() -> None:
     with pytest.warns(UserWarning, match="torch.compile"):
         net = NoetherWrapper(compiled, MLPEmbedding(4, hidden=8), inner_lr=0.1)
     assert net.model is model
-    assert all(k.startswith(("model.step", "embedding", "log_inner_lr")) for k in net.state_dict())
+    prefixes = ("model.step", "embedding", "log_inner_lr", "_extra_state")
+    assert all(k.startswith(prefixes) for k in net.state_dict())
 
 
 @pytest.mark.parametrize("per_sample", [False, True])

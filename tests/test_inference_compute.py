@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from noether_wrap import Affine
 
-from conftest import gradcheck_weight_and_step, make_net
+from conftest import copy_weights, gradcheck_weight_and_step, make_net
 
 PATHS = [
     {"per_sample_path": "lowrank"},
@@ -67,7 +67,7 @@ def test_backtracking_at_a_sensible_step_changes_nothing() -> None:
     x = torch.randn(5, 2, dtype=torch.float64)
     plain = make_net(inner_steps=2, inner_lr=1e-3, per_sample_path="vmap")
     safe = make_net(inner_steps=2, inner_lr=1e-3, step_control="backtrack")
-    safe.load_state_dict(plain.state_dict())
+    copy_weights(safe, plain)
     info = plain(x, return_info=True)
     assert bool((info.noether_losses[:, 1:] < info.noether_losses[:, :-1]).all())
     torch.testing.assert_close(safe(x), info.prediction, rtol=1e-12, atol=1e-12)
@@ -81,7 +81,7 @@ def test_gradcheck_through_a_safeguarded_step(per_sample: bool, k: int) -> None:
     )
     x = torch.randn(3, 2, dtype=torch.float64)
     plain = make_net(horizon=3, inner_steps=k, inner_lr=5.0, per_sample=per_sample)
-    plain.load_state_dict(net.state_dict())
+    copy_weights(plain, net)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert not torch.allclose(net(x), plain(x))  # some step was shortened
@@ -115,7 +115,7 @@ def test_backtracking_on_the_lowrank_path_equals_vmap(hidden: int) -> None:
     kwargs = {"hidden": hidden, "inner_steps": 3, "inner_lr": 20.0, "step_control": "backtrack"}
     fast = make_net(per_sample_path="lowrank", **kwargs)
     slow = make_net(per_sample_path="vmap", **kwargs)
-    slow.load_state_dict(fast.state_dict())
+    copy_weights(slow, fast)
     x = 2 * torch.randn(5, 2, dtype=torch.float64)
     a, b = fast(x, return_info=True), slow(x, return_info=True)
     assert fast.last_path == "lowrank" and slow.last_path == "vmap"

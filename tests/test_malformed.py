@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from noether_wrap import NoetherWrapper, Rollout, noether_loss
 from noether_wrap.embeddings import MLPEmbedding
 
+from conftest import tensor_state
+
 DTYPES = [torch.float32, torch.float64, torch.int64, torch.bool, torch.float16]
 
 
@@ -82,7 +84,7 @@ def test_wrapper_on_malformed_inputs(
     x: torch.Tensor, per_sample: bool, path: str, no_grad: bool
 ) -> None:
     net = _net(per_sample, path)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
+    before = tensor_state(net)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -110,7 +112,7 @@ def test_wrapper_on_malformed_inputs(
             torch.testing.assert_close(
                 out[~finite_rows], net.model(x[~finite_rows]), equal_nan=True
             )
-    after = net.state_dict()
+    after = tensor_state(net)
     for key in before:
         assert torch.equal(before[key], after[key]), key
 

@@ -12,14 +12,14 @@ from torch import nn
 from noether_wrap import NoetherWrapper, Rollout
 from noether_wrap.embeddings import MLPEmbedding
 
-from conftest import make_net
+from conftest import copy_weights, make_net
 
 
 def _pair(**kwargs: Any) -> tuple[NoetherWrapper, NoetherWrapper]:
     torch.manual_seed(7)
     fast = make_net(per_sample_path="lowrank", **kwargs)
     slow = make_net(per_sample_path="vmap", **kwargs)
-    slow.load_state_dict(fast.state_dict())
+    copy_weights(slow, fast)
     return fast, slow
 
 

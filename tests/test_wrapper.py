@@ -12,7 +12,7 @@ from torch import nn
 from noether_wrap import NoetherWrapper, Rollout, noether_loss
 from noether_wrap.embeddings import MLPEmbedding
 
-from conftest import make_net, make_step
+from conftest import copy_weights, make_net, make_step
 
 
 def _x(batch: int = 4) -> torch.Tensor:
@@ -39,16 +39,16 @@ def test_adapt_glob_and_predicate_equal_freezing_the_rest() -> None:
     torch.manual_seed(3)
     glob = make_net(inner_steps=2, inner_lr=0.2, adapt="step.2.*")
     pred = make_net(inner_steps=2, inner_lr=0.2, adapt=lambda n, p: n.startswith("step.2"))
-    pred.load_state_dict(glob.state_dict())
+    copy_weights(pred, glob)
     frozen = make_net(inner_steps=2, inner_lr=0.2)
-    frozen.load_state_dict(glob.state_dict())
+    copy_weights(frozen, glob)
     for p in frozen.model.step[0].parameters():
         p.requires_grad_(False)
     assert glob.adapted_names() == ["step.2.weight", "step.2.bias"]
     torch.testing.assert_close(glob(x), frozen(x))
     torch.testing.assert_close(pred(x), frozen(x))
     untailored = make_net(inner_steps=0)  # the same weights, no inner step
-    untailored.load_state_dict(glob.state_dict())
+    copy_weights(untailored, glob)
     assert torch.equal(untailored(x), glob.model(x))
     assert not torch.allclose(glob(x), untailored(x))
 
@@ -71,7 +71,7 @@ def test_first_order_equals_second_order_forward() -> None:
     second = make_net(inner_steps=2)
     with pytest.warns(UserWarning):
         first = make_net(inner_steps=2, first_order=True)
-    first.load_state_dict(second.state_dict())
+    copy_weights(first, second)
     x = _x()
     torch.testing.assert_close(first(x), second(x))
 
@@ -84,7 +84,7 @@ def test_keep_if_better_returns_untailored_where_loss_rose() -> None:
     assert bool(worse.any())
     torch.testing.assert_close(info.prediction[worse], net.model(x)[worse])
     plain = make_net(inner_steps=1, inner_lr=50.0)
-    plain.load_state_dict(net.state_dict())
+    copy_weights(plain, net)
     better = ~worse
     torch.testing.assert_close(info.prediction[better], plain(x)[better])
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from noether_wrap._inner.affine import Affine, AffineLayoutError, hooked_copy, tailor_affine
 from noether_wrap._inner.call import Bound, Call, InnerResult, Params, Progress
-from noether_wrap._inner.loop import BACKTRACKS, STEP_RULES, clip_scale, run
+from noether_wrap._inner.loop import BACKTRACKS, STEP_RULES, TRANSFORMS, clip_scale, run
 from noether_wrap._inner.lowrank import Unsupported, supported_layers, tailor_lowrank
 from noether_wrap._inner.shared import tailor_shared
 from noether_wrap._inner.vmap import batched_dims, tailor_vmap
@@ -48,6 +48,7 @@ __all__ = [
     "BACKTRACKS",
     "PATHS",
     "STEP_RULES",
+    "TRANSFORMS",
     "Affine",
     "AffineLayoutError",
     "Bound",

@@ -202,6 +202,12 @@ class AffineStepper(HookedStepper):
     def params(self, state: Params) -> Params:
         return state
 
+    def size(self, point: Params) -> Tensor:
+        """The identity's norm: one per scale channel (a shift's identity is zero)."""
+        channels = sum(p.shape[1] for n, p in point.items() if n.endswith(".scale"))
+        first = next(iter(point.values()))
+        return torch.tensor(float(channels), dtype=first.dtype, device=first.device).sqrt()
+
 
 def tailor_affine(
     call: Call, params: Params, progress: Progress, *, spec: Affine, per_sample: bool

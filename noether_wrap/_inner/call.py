@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -64,6 +65,12 @@ class Call:
     step_rule: str
     step_control: str
     max_grad_norm: float | None
+    #: The Polyak cap: ``‖Δθ‖ <= polyak_cap * stepper.size()`` per row and step (None: uncapped).
+    polyak_cap: float | None
+    #: The prediction guard τ (None: off) and ``(inputs, plain, tailored) -> (batch,)``, how far
+    #: each tailored rollout moved from the plain one relative to the plain one's displacement.
+    guard: float | None
+    move: Callable[[Tensor, Tensor, Tensor], Tensor]
     create_graph: bool
     differentiable: bool
     need_final_loss: bool
@@ -143,7 +150,9 @@ class InnerResult(NamedTuple):
     column of ``losses`` is NaN where no one reads it (see ``loop.final_loss``);
     ``params``: the adapted parameters where the path materialises them (leading batch dim when
     per sample), else None; ``buffers``: the buffer clones the returned prediction's pass left
-    (what one unwrapped call writes), or None where the path does not run the whole batch."""
+    (what one unwrapped call writes), or None where the path does not run the whole batch;
+    ``moves``: see the field. Where the guard kept the plain prediction, ``prediction`` is
+    ``initial`` and the last column of ``losses`` is the first."""
 
     prediction: Tensor
     initial: Tensor
@@ -151,6 +160,9 @@ class InnerResult(NamedTuple):
     ok: Tensor
     params: Params | None = None
     buffers: Params | None = None
+    #: ``(batch,)``: how far each tailored rollout moved from the plain one, relative to the plain
+    #: rollout's own displacement (NaN where not computed: no guard).
+    moves: Tensor | None = None
 
     def detached(self) -> InnerResult:
         """The same result with every tensor cut from the graph."""
@@ -160,7 +172,13 @@ class InnerResult(NamedTuple):
             initial=self.initial.detach(),
             losses=self.losses.detach(),
             params=params,
+            moves=None if self.moves is None else self.moves.detach(),
         )
+
+
+def parameter_norm(params: Params) -> Tensor:
+    """The detached norm of all of ``params`` together, a scalar."""
+    return torch.stack([p.detach().pow(2).sum() for p in params.values()]).sum().sqrt()
 
 
 @contextlib.contextmanager

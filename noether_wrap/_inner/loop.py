@@ -4,10 +4,11 @@ Every path (shared, vmap, low-rank, affine) runs :func:`run`. A path supplies a
 :class:`Stepper`, which only knows how to take a gradient at a point and how to move along it;
 everything that decides *how far* to move is here, written once:
 
-1. the step rule (:func:`step_size`): ``"fixed"`` (``lr``) or ``"polyak"`` (``lr · L / ‖∇L‖²``);
-2. clipping (``max_grad_norm``, per row);
+1. the step rule (:data:`RULES`): ``"fixed"`` (``lr``) or ``"polyak"`` (``lr · L / ‖∇L‖²``);
+2. the step transforms (:data:`TRANSFORMS`): the Polyak cap, clipping (per row);
 3. the finite mask (a row whose loss or gradient is non-finite is flagged);
-4. backtracking (:func:`backtrack`), whose decisions are constants in the backward.
+4. backtracking (:func:`backtrack`), whose decisions are constants in the backward;
+5. the prediction guard (:func:`guard`), per sequence, on the result.
 
 A *row* is what one decision is about: one sequence on the per-sequence paths (low-rank, per-sample
 affines), the whole batch on a shared step (its mean loss), and the one sequence a ``vmap`` lane
@@ -30,8 +31,6 @@ State = TypeVar("State")
 
 #: Step fractions a backtracking step tries, in order; none accepted means no step.
 BACKTRACKS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
-
-STEP_RULES: tuple[str, ...] = ("fixed", "polyak")
 
 GRAPHLESS_WARNING = (
     "NoetherWrapper: the inner gradient carries no graph although second-order training is on, "
@@ -80,6 +79,10 @@ class Stepper(Protocol[State]):
     def params(self, state: State) -> Params | None:
         """The adapted parameters at ``state``, where the path materialises them."""
 
+    def size(self, point: State) -> Tensor:
+        """The norm of the untailored adapted parameters (affines: the identity's), a detached
+        scalar: what the Polyak cap measures a step against."""
+
 
 def clip_scale(squared_norm: Tensor, max_norm: float) -> Tensor:
     """``min(1, max_norm / norm)`` from the squared gradient norm, with a finite derivative
@@ -89,25 +92,60 @@ def clip_scale(squared_norm: Tensor, max_norm: float) -> Tensor:
     return max_norm * torch.rsqrt(squared_norm.clamp(min=max_norm**2))
 
 
-def step_size(call: Call, loss: Tensor, squared_norm: Tensor) -> Tensor:
-    """Each row's step length along its gradient, ``(rows,)``: the rule, then clipping.
+def polyak_rule(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+    """``lr · L / ‖∇L‖²`` per row: the step that removes a fraction ``lr`` of the row's loss
+    ``L`` to first order (``lr = 2`` is the Gauss–Newton step of the squared residual): invariant
+    to the scale of ``g`` and of the loss; zero where the gradient is zero. Under second order the
+    outer gradient flows through ``L`` and ``‖∇L‖²``; under first order they are constants."""
+    moving = squared_norm > 0
+    safe = torch.where(moving, squared_norm, torch.ones_like(squared_norm))
+    ratio = torch.where(moving, loss / safe, torch.zeros_like(squared_norm))
+    if not call.create_graph:
+        ratio = ratio.detach()
+    return call.lr * ratio
 
-    ``"fixed"``: ``lr``. ``"polyak"``: ``lr · L / ‖∇L‖²``, the step that removes a fraction
-    ``lr`` of the row's loss ``L`` to first order: invariant to the scale of ``g`` and of the
-    loss; zero where the gradient is zero. Under second order the outer gradient flows through
-    ``L`` and ``‖∇L‖²`` too; under first order they are constants, as the gradient is.
-    """
-    if call.step_rule == "polyak":
-        moving = squared_norm > 0
-        safe = torch.where(moving, squared_norm, torch.ones_like(squared_norm))
-        ratio = torch.where(moving, loss / safe, torch.zeros_like(squared_norm))
-        if not call.create_graph:
-            ratio = ratio.detach()
-        scale = call.lr * ratio
-    else:
-        scale = call.lr * torch.ones_like(squared_norm)
-    if call.max_grad_norm is not None:
-        scale = scale * clip_scale(squared_norm, call.max_grad_norm)
+
+def fixed_rule(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+    """``lr`` for every row."""
+    return call.lr * torch.ones_like(squared_norm)
+
+
+def polyak_cap(call: Call, scale: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+    """Bound the Polyak step's move, ``scale · ‖∇L‖ <= polyak_cap · size`` (``size``: the
+    adapted parameters' norm): where the gradient vanishes but the loss does not (a saturated
+    ``g``, a cosine distance at ±1), ``L / ‖∇L‖²`` is unbounded; this is optax's
+    ``scale_by_polyak(max_learning_rate=...)`` stated relative to the parameters, so it keeps
+    the rule's scale-freedom in ``g`` and the loss."""
+    if call.step_rule != "polyak" or call.polyak_cap is None:
+        return scale
+    moving = squared_norm > 0
+    safe = torch.where(moving, squared_norm, torch.ones_like(squared_norm))
+    limit = call.polyak_cap * size.detach() * torch.rsqrt(safe)
+    return torch.minimum(scale, limit)
+
+
+def clip(call: Call, scale: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+    """``max_inner_grad_norm``: scale each row's gradient to at most that norm."""
+    if call.max_grad_norm is None:
+        return scale
+    return scale * clip_scale(squared_norm, call.max_grad_norm)
+
+
+#: The step rules: ``(call, loss, squared_norm, size) -> (rows,)`` step lengths.
+RULES = {"fixed": fixed_rule, "polyak": polyak_rule}
+STEP_RULES: tuple[str, ...] = tuple(RULES)
+#: What the loop applies to a rule's step, in order: ``(call, scale, squared_norm, size) ->
+#: scale``. A new transform is one function here (backtracking needs rollouts: see
+#: :func:`backtrack`; the prediction guard acts on the result: see :func:`guard`).
+TRANSFORMS = (polyak_cap, clip)
+
+
+def step_size(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+    """Each row's step length along its gradient, ``(rows,)``: the rule, then each of
+    :data:`TRANSFORMS` (the Polyak cap, clipping)."""
+    scale = RULES[call.step_rule](call, loss, squared_norm, size)
+    for transform in TRANSFORMS:
+        scale = transform(call, scale, squared_norm, size)
     return scale
 
 
@@ -163,15 +201,16 @@ def warn_if_graphless(call: Call, grads: Any) -> None:
 CHECKED = 8
 
 
-def final_loss(call: Call, stepper: Stepper[State], state: State, prediction: Tensor) -> Tensor:
+def final_loss(
+    call: Call, stepper: Stepper[State], state: State, prediction: Tensor, rollout: Tensor | None
+) -> Tensor:
     """``(batch,)``: each sequence's Noether loss after the last step, computed where something
     reads it (``return_info``, ``keep_if_better``: ``call.need_final_loss``), with a graph only
     where the caller needs one. Otherwise it is only a check for the divergence warning: a
     strided sample of at most :data:`CHECKED` sequences, without a graph, NaN elsewhere; and
     with ``predict`` (whose rollout would be one more pass) not computed at all (NaN)."""
     if call.need_final_loss:
-        rollout = prediction if call.predict is None else stepper.rollout(state)
-        return call.noether_loss(rollout)
+        return call.noether_loss(stepper.rollout(state) if rollout is None else rollout)
     unread = torch.full((call.batch,), math.nan, dtype=prediction.dtype, device=prediction.device)
     if call.predict is not None or not prediction.is_floating_point():
         return unread
@@ -197,17 +236,18 @@ def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
     losses: list[Tensor] = []
     ok: Tensor | None = None
     initial: Tensor | None = None
+    plain: Tensor | None = None  # the untailored rollout
     for i in range(call.steps):
         progress.step = i
         gradient = stepper.gradient(state)
         progress.started = True
         if i == 0:
-            initial, start = gradient.output, gradient.point
+            initial, start, plain = gradient.output, gradient.point, gradient.output
         losses.append(gradient.loss)
         decided = _decided(gradient.loss, per_row)
         flags = torch.isfinite(decided) & gradient.finite
         ok = flags if ok is None else ok & flags
-        scale = step_size(call, decided, gradient.squared_norm)
+        scale = step_size(call, decided, gradient.squared_norm, stepper.size(gradient.point))
         if call.step_control == "backtrack":
             scale = scale * backtrack(
                 call, stepper, gradient.point, gradient.direction, scale, decided
@@ -219,7 +259,10 @@ def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
         initial = stepper.prediction(start)
     buffers = call.fresh_buffers()
     prediction = stepper.prediction(state, buffers)
-    losses.append(final_loss(call, stepper, state, prediction))
+    final = prediction if call.predict is None else None  # the tailored rollout, where it exists
+    if call.guard is not None and final is None:
+        final = stepper.rollout(state)
+    losses.append(final_loss(call, stepper, state, prediction, final))
     ok = ok & _rows_finite(prediction, per_row)
     result = InnerResult(
         prediction,
@@ -229,4 +272,26 @@ def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
         stepper.params(state),
         buffers,
     )
+    if call.guard is not None:
+        assert final is not None and plain is not None
+        result = guard(call, result, plain, final)
     return result if call.differentiable else result.detached()
+
+
+def guard(call: Call, result: InnerResult, plain: Tensor, tailored: Tensor) -> InnerResult:
+    """The prediction guard: per sequence, keep the untailored prediction where the tailored
+    rollout moved from the plain one by more than ``call.guard`` times the plain rollout's own
+    displacement from its start (a non-finite move counts as too far).
+
+    Decided without autograd, like backtracking: the choice is a constant in the backward.
+    """
+    tau = call.guard
+    assert tau is not None
+    with torch.no_grad():
+        moves = call.move(call.inputs, plain.detach(), tailored.detach())
+        far = ~(moves <= tau)
+    view = (-1,) + (1,) * (result.prediction.dim() - 1)
+    prediction = torch.where(far.view(view), result.initial, result.prediction)
+    last = torch.where(far, result.losses[:, 0], result.losses[:, -1])
+    losses = torch.cat([result.losses[:, :-1], last.unsqueeze(1)], dim=1)
+    return result._replace(prediction=prediction, losses=losses, moves=moves)

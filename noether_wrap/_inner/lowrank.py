@@ -38,6 +38,7 @@ from noether_wrap._inner.call import (
     Params,
     Progress,
     forward_hooks,
+    parameter_norm,
 )
 from noether_wrap._inner.loop import Gradient, run, warn_if_graphless
 
@@ -337,9 +338,11 @@ class LowRankStepper(HookedStepper):
 
     per_row = True
 
-    def __init__(self, call: Call, layers: list[_Layer]) -> None:
+    def __init__(self, call: Call, layers: list[_Layer], params: Params) -> None:
         self.call = call
         self.layers = layers
+        self.initial = params
+        self._size: Tensor | None = None
 
     def start(self) -> LowRankState:
         return tuple(Update() for _ in self.layers)
@@ -403,6 +406,11 @@ class LowRankStepper(HookedStepper):
     def params(self, state: LowRankState) -> None:
         return None
 
+    def size(self, point: LowRankState) -> Tensor:
+        if self._size is None:
+            self._size = parameter_norm(self.initial)
+        return self._size
+
 
 def tailor_lowrank(
     call: Call,
@@ -427,4 +435,4 @@ def tailor_lowrank(
     for layer in layers:
         layer.detach_inputs = not call.create_graph
     with forward_hooks((layer.module, layer.hook) for layer in layers):
-        return run(call, LowRankStepper(call, layers), progress)
+        return run(call, LowRankStepper(call, layers, params), progress)

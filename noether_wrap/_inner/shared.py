@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from noether_wrap._inner.call import Call, InnerResult, Params, Progress
+from noether_wrap._inner.call import Call, InnerResult, Params, Progress, parameter_norm
 from noether_wrap._inner.loop import Gradient, run, warn_if_graphless
 
 
@@ -38,6 +38,7 @@ class WeightStepper:
         self.call = call
         self.initial = params
         self.functional = functional
+        self._size: Tensor | None = None
 
     def start(self) -> Params:
         return self.initial
@@ -94,6 +95,11 @@ class WeightStepper:
 
     def params(self, state: Params) -> Params:
         return state
+
+    def size(self, point: Params) -> Tensor:
+        if self._size is None:
+            self._size = parameter_norm(self.initial)
+        return self._size
 
 
 def tailor_shared(call: Call, params: Params, progress: Progress) -> InnerResult:

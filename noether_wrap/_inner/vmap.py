@@ -8,6 +8,7 @@ whole to every lane.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
@@ -47,14 +48,17 @@ def tailor_vmap(call: Call, params: Params, progress: Progress) -> InnerResult:
         lane = call.with_inputs(x.unsqueeze(0), _unsqueeze(a, arg_dims), kw, in_vmap=True)
         result = run(lane, WeightStepper(lane, start, functional=True), progress)
         assert result.params is not None
+        moves = result.losses.new_full((1,), math.nan) if result.moves is None else result.moves
         return (
             result.prediction.squeeze(0),
             result.initial.squeeze(0),
             result.losses.squeeze(0),
             result.ok.reshape(()),
             result.params,
+            moves.reshape(()),
         )
 
     mapped = vmap(one, in_dims=(0, arg_dims, kw_dims), randomness="different")
-    prediction, initial, losses, ok, adapted = mapped(call.inputs, call.args, kw_values)
-    return InnerResult(prediction, initial, losses, ok, adapted, None)
+    prediction, initial, losses, ok, adapted, moves = mapped(call.inputs, call.args, kw_values)
+    guarded = None if call.guard is None else moves
+    return InnerResult(prediction, initial, losses, ok, adapted, None, guarded)
