@@ -479,6 +479,7 @@ def _check_horizon(net: NoetherWrapper, horizon: int | None) -> None:
     trains at, and warn once when a call's horizon differs from the recorded one. The Polyak
     rule is scale-free in the loss, so its fraction carries over."""
     options = net.options
+    net.last_horizon = horizon
     if horizon is None or options.step_rule != "fixed":
         return
     learning = net.training and torch.is_grad_enabled() and net.log_inner_lr.requires_grad

@@ -92,7 +92,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "polyak_cap",
-        0.5,
+        0.1,
         _positive_or_none,
         "a Polyak step moves the adapted parameters by at most this fraction of their norm "
         "(affines: of the identity's), so a vanishing gradient never gives an unbounded step; "

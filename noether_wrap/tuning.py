@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "DEFAULT_GUARDS",
     "DEFAULT_POLYAK_CANDIDATES",
     "STEP_RULES",
     "TailoringDoesNotHelp",
@@ -37,8 +38,14 @@ __all__ = [
 
 #: Half-decade steps from 1e-3 to 1: the fixed-step grid the examples search.
 DEFAULT_CANDIDATES: tuple[float, ...] = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1, 0.316, 1.0)
-#: Polyak fractions γ (the share of each sequence's Noether loss removed to first order).
-DEFAULT_POLYAK_CANDIDATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+#: Polyak fractions γ. The Noether loss is a squared residual, so γ = 1 removes half of the
+#: residual to first order and γ = 2 is the full (Gauss–Newton) step.
+DEFAULT_POLYAK_CANDIDATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
+#: Prediction guards τ :func:`tune` scores beside every step (None: no guard). Scoring them costs
+#: nothing extra with the default ``forward`` (see :func:`tune`).
+DEFAULT_GUARDS: tuple[float | None, ...] = (None, 0.1, 0.3, 1.0)
+#: A guard so wide it never binds: the wrapper then reports every sequence's move.
+_PROBE_GUARD = 1e300
 #: The step rules a search may try.
 STEP_RULES: tuple[str, ...] = ("fixed", "polyak")
 _DEFAULTS: dict[str, tuple[float, ...]] = {
@@ -64,15 +71,18 @@ class TailoringDoesNotHelp(TuningWarning):
 
 class TuneConfig(NamedTuple):
     """One configuration :func:`tune` scores: ``inner_steps`` steps of ``step_rule`` with
-    ``step`` (a step size for ``"fixed"``, a fraction γ for ``"polyak"``)."""
+    ``step`` (a step size for ``"fixed"``, a fraction γ for ``"polyak"``) and the prediction
+    ``guard`` τ (None: no guard)."""
 
     inner_steps: int
     step_rule: str
     step: float
+    guard: float | None = None
 
     def label(self) -> str:
-        """A short readable name, e.g. ``k=1 fixed 0.1``."""
-        return f"k={self.inner_steps} {self.step_rule} {self.step:g}"
+        """A short readable name, e.g. ``k=1 fixed 0.1`` or ``k=1 polyak 1 guard 0.3``."""
+        guard = "" if self.guard is None else f" guard {self.guard:g}"
+        return f"k={self.inner_steps} {self.step_rule} {self.step:g}{guard}"
 
 
 class TuneResult(NamedTuple):
@@ -131,6 +141,7 @@ class TuneGridResult(NamedTuple):
         stderr: ``{TuneConfig: paired standard error of (configuration − untailored)}``.
         untailored: the mean loss with ``inner_steps = 0``.
         sequences: how many sequences each mean is over.
+        guard: the winning prediction guard τ (None: no guard, or "off").
     """
 
     best: float | None
@@ -140,13 +151,14 @@ class TuneGridResult(NamedTuple):
     stderr: dict[TuneConfig, float]
     untailored: float
     sequences: int
+    guard: float | None = None
 
     @property
     def config(self) -> TuneConfig | None:
         """The winning configuration, or ``None`` for "off"."""
         if self.best is None:
             return None
-        return TuneConfig(self.inner_steps, self.step_rule, self.best)
+        return TuneConfig(self.inner_steps, self.step_rule, self.best, self.guard)
 
     def table(self) -> str:
         """Every configuration with its mean loss and its difference to "off" ± paired SE."""
@@ -230,7 +242,7 @@ def tune_inner_lr(
     values = _check_candidates(_DEFAULTS[rule] if candidates is None else candidates, "candidates")
     k = net.inner_steps if net.inner_steps > 0 else 1
     search = _Search(net, inputs, target, loss=loss, forward=forward, chunk=chunk)
-    configs = [TuneConfig(k, rule, v) for v in values]
+    configs = [TuneConfig(k, rule, v, getattr(net, "guard", None)) for v in values]
     off, scored = search.run(configs)
     winner = _finish(net, search, off, scored, configs)
     means = {c.step: m for c, (m, _, _) in scored.items()}
@@ -257,6 +269,7 @@ def tune(
     inner_steps: Sequence[int] = (1,),
     step_rules: Sequence[str] = ("fixed",),
     candidates: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+    guards: Sequence[float | None] = DEFAULT_GUARDS,
     loss: Loss | None = None,
     forward: Forward | None = None,
     chunk: int | None = None,
@@ -264,8 +277,9 @@ def tune(
     """Choose ``k``, the step rule and the step on held-out data, with "off" always a candidate.
 
     Scores "no tailoring" (``inner_steps = 0``) and every configuration of the grid
-    ``inner_steps × step_rules × candidates[rule]``, per sequence, and sets the winner on
-    ``net`` (``inner_steps``, ``step_rule``, ``inner_lr``). The best configuration (lowest mean
+    ``inner_steps × step_rules × candidates[rule] × guards``, per sequence, and sets the winner
+    on ``net`` (``inner_steps``, ``step_rule``, ``inner_lr``, ``guard``, and ``step_horizon``,
+    the rollout horizon the step was chosen at). The best configuration (lowest mean
     loss) wins only if it beats the untailored loss by more than the paired standard error of
     their difference over the sequences (the one-standard-error rule). Otherwise ``net`` is set
     to ``inner_steps = 0`` (exactly the model; its rule and step are left as they were), the
@@ -289,6 +303,10 @@ def tune(
         candidates: the steps: one sequence for every rule, a mapping ``{rule: steps}``, or
             ``None`` for :data:`DEFAULT_CANDIDATES` (fixed) and
             :data:`DEFAULT_POLYAK_CANDIDATES` (polyak).
+        guards: the prediction guards τ to score beside every step (``None``: no guard);
+            default :data:`DEFAULT_GUARDS`. With the default ``forward`` one run per step
+            scores them all (the guard only picks, per sequence, the tailored or the untailored
+            prediction); a custom ``forward`` runs once per guard.
         loss: ``(prediction, target) -> (batch,)``; default :func:`per_sequence_mse`. A loss
             that returns a scalar is called once per sequence so standard errors still exist.
         forward: ``(net, inputs) -> prediction``; default ``net(inputs)``.
@@ -306,7 +324,7 @@ def tune(
         ...     result = tune(net, x, torch.zeros(16, 5, 2), inner_steps=(1, 2),
         ...                   candidates=[0.01, 0.1])
         >>> len(result.losses), net.inner_steps == result.inner_steps
-        (4, True)
+        (16, True)
     """
     ks = list(inner_steps)
     for k in ks:
@@ -331,7 +349,8 @@ def tune(
             grid[rule] = _check_candidates(candidates.get(rule, _DEFAULTS[rule]), "candidates")
         else:
             grid[rule] = _check_candidates(candidates, "candidates")
-    configs = [TuneConfig(k, r, v) for k in ks for r in rules for v in grid[r]]
+    taus = _check_guards(guards)
+    configs = [TuneConfig(k, r, v, t) for k in ks for r in rules for v in grid[r] for t in taus]
     search = _Search(net, inputs, target, loss=loss, forward=forward, chunk=chunk)
     off, scored = search.run(configs)
     winner = _finish(net, search, off, scored, configs)
@@ -343,6 +362,7 @@ def tune(
         {c: s for c, (_, s, _) in scored.items()},
         float(off.mean()),
         off.shape[0],
+        None if winner is None else winner.guard,
     )
 
 
@@ -394,8 +414,11 @@ class _Search:
         self.original_steps = net.inner_steps
         self.original_rule = _current_rule(net)
         self.original_lr = net.log_inner_lr.detach().clone()
+        self.original_guard = getattr(net, "guard", None)
         #: Every scored configuration's per-sequence losses.
         self.per_sequence: dict[TuneConfig, Tensor] = {}
+        #: The rollout horizon the tailored calls' Noether loss read (None: not seen).
+        self.horizon: int | None = None
 
     def run(
         self, configs: list[TuneConfig]
@@ -412,15 +435,18 @@ class _Search:
                     "the model and `inputs`."
                 )
             scored: dict[TuneConfig, tuple[float, float, int]] = {}
-            for config in configs:
-                _apply(self.net, config)
-                losses = self.evaluate()
-                self.per_sequence[config] = losses
-                nonfinite = int((~torch.isfinite(losses)).sum())
-                if nonfinite:
-                    scored[config] = (float(losses.mean()), math.nan, nonfinite)
-                else:
-                    scored[config] = (float(losses.mean()), _paired_se(losses - off), 0)
+            bases = dict.fromkeys(c._replace(guard=None) for c in configs)
+            for base in bases:
+                guards = [c.guard for c in configs if c._replace(guard=None) == base]
+                for guard, losses in self.evaluate_guards(base, guards, off).items():
+                    config = base._replace(guard=guard)
+                    self.per_sequence[config] = losses
+                    nonfinite = int((~torch.isfinite(losses)).sum())
+                    if nonfinite:
+                        scored[config] = (float(losses.mean()), math.nan, nonfinite)
+                    else:
+                        scored[config] = (float(losses.mean()), _paired_se(losses - off), 0)
+            scored = {c: scored[c] for c in configs}
         except BaseException:
             self.restore()
             raise
@@ -431,11 +457,42 @@ class _Search:
         self.net.inner_steps = self.original_steps
         if _has_rule(self.net):
             setattr(self.net, _RULE, self.original_rule)
+        if _has_guard(self.net):
+            self.net.guard = self.original_guard
         with torch.no_grad():
             self.net.log_inner_lr.copy_(self.original_lr)
 
-    def evaluate(self) -> Tensor:
-        """Every sequence's loss under the wrapper's current settings, ``(batch,)`` float64."""
+    def evaluate_guards(
+        self, base: TuneConfig, guards: list[float | None], off: Tensor
+    ) -> dict[float | None, Tensor]:
+        """``{guard: (batch,) losses}`` for ``base`` under each guard.
+
+        The guard only chooses, per sequence, between the tailored and the untailored
+        prediction, so with the default forward one run reporting every sequence's move scores
+        every τ exactly: a sequence's loss is the tailored one where it moved at most τ, else
+        its untailored loss. A custom ``forward`` is run once per guard.
+        """
+        if guards == [None] or not _has_guard(self.net):
+            _apply(self.net, base)
+            return {None: self.evaluate()}
+        if self.run_net is not _call:
+            out = {}
+            for guard in guards:
+                _apply(self.net, base._replace(guard=guard))
+                out[guard] = self.evaluate()
+            return out
+        _apply(self.net, base._replace(guard=_PROBE_GUARD))
+        moves: list[Tensor] = []
+        losses = self.evaluate(moves)
+        moved = torch.cat(moves).double().cpu()
+        return {
+            guard: losses if guard is None else torch.where(moved <= guard, losses, off)
+            for guard in guards
+        }
+
+    def evaluate(self, moves: list[Tensor] | None = None) -> Tensor:
+        """Every sequence's loss under the wrapper's current settings, ``(batch,)`` float64;
+        ``moves``, when given, receives each chunk's per-sequence moves (default forward)."""
         parts = []
         n = self.inputs.shape[0]
         # a candidate that diverges is scored like any other; its warnings would only be noise
@@ -443,8 +500,15 @@ class _Search:
             warnings.simplefilter("ignore", RuntimeWarning)
             for start in range(0, n, self.size):
                 part = slice(start, start + self.size)
-                prediction = self.run_net(self.net, self.inputs[part])
+                if moves is None:
+                    prediction = self.run_net(self.net, self.inputs[part])
+                else:
+                    info = self.net(self.inputs[part], return_info=True)
+                    prediction = info.prediction
+                    moves.append(info.moves)
                 parts.append(self.score(prediction, self.target[part]))
+                if self.net.inner_steps > 0:
+                    self.horizon = getattr(self.net, "last_horizon", None) or self.horizon
         return torch.cat(parts)
 
     def score(self, prediction: Tensor, target: Tensor) -> Tensor:
@@ -504,6 +568,8 @@ def _finish(
         mean, se, _ = scored[best]
         if untailored - mean > se:
             _apply(net, best)
+            if hasattr(net, "step_horizon"):
+                net.step_horizon = search.horizon
             steps = sorted({c.step for c in configs if c.step_rule == best.step_rule})
             if len(steps) > 1 and best.step in (steps[0], steps[-1]):
                 side = "smallest" if best.step == steps[0] else "largest"
@@ -566,6 +632,18 @@ def _check_finite(name: str, value: Tensor) -> None:
             )
 
 
+def _check_guards(guards: Sequence[float | None]) -> tuple[float | None, ...]:
+    values = tuple(guards)
+    ok = bool(values) and all(
+        g is None
+        or (isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g > 0)
+        for g in values
+    )
+    if not ok:
+        raise ValueError(f"`guards` must be None or positive finite floats, got {list(guards)!r}.")
+    return tuple(dict.fromkeys(None if g is None else float(g) for g in values))
+
+
 def _check_candidates(candidates: Sequence[float], name: str) -> tuple[float, ...]:
     try:
         values = tuple(float(c) for c in candidates)
@@ -578,6 +656,10 @@ def _check_candidates(candidates: Sequence[float], name: str) -> tuple[float, ..
 
 def _has_rule(net: NoetherWrapper) -> bool:
     return hasattr(net, "step_rule")
+
+
+def _has_guard(net: NoetherWrapper) -> bool:
+    return hasattr(net, "guard")
 
 
 def _current_rule(net: NoetherWrapper) -> str:
@@ -593,6 +675,10 @@ def _apply(net: NoetherWrapper, config: TuneConfig) -> None:
         setattr(net, _RULE, config.step_rule)
     elif config.step_rule != "fixed":
         raise ValueError(f"this wrapper has no `step_rule` option for {config.step_rule!r}.")
+    if _has_guard(net):
+        net.guard = config.guard
+    elif config.guard is not None:
+        raise ValueError("this wrapper has no `guard` option.")
     setter = getattr(type(net), "inner_lr", None)
     if isinstance(setter, property) and setter.fset is not None:
         setattr(net, _LR, config.step)

@@ -132,6 +132,7 @@ class NoetherWrapper(nn.Module):
     Attributes:
         last_path: the path the last call took: ``"shared"``, ``"lowrank"``, ``"vmap"`` or
             ``"affine"``.
+        last_horizon: how many predicted steps the last call's Noether loss read.
 
     Settings are state: ``state_dict()`` carries every option with a plain value (everything
     :func:`~noether_wrap.tune` or an assignment sets: ``inner_steps``, ``step_rule``, ``guard``,
@@ -225,6 +226,7 @@ class NoetherWrapper(nn.Module):
         self.embedding = embedding
         object.__setattr__(self, "options", options)
         self.last_path: str | None = None
+        self.last_horizon: int | None = None
         self._warned_no_op = False
         self._warned_horizon = False
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -248,6 +250,7 @@ class NoetherWrapper(nn.Module):
                 "embedding's trainable parameters get no outer gradient and will not learn. "
                 "Use first_order=False to learn the embedding."
             )
+        self._built = True  # from here on, a near miss of an option name is an error
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in OPTION_NAMES:
@@ -263,7 +266,7 @@ class NoetherWrapper(nn.Module):
                 self._warned_horizon = False
             return
         near = near_option(name)
-        if near is not None and name not in self.__dict__:
+        if near is not None and "_built" in self.__dict__ and name not in self.__dict__:
             raise AttributeError(
                 f"`{name}` is not an option of NoetherWrapper; did you mean `{near}`? (An "
                 "assignment to a new attribute would be ignored by the wrapper.)"

@@ -43,17 +43,25 @@ def tailor_reference(
     form: str = "anchor",
     per_sample: bool = True,
     rule: str = "fixed",
+    cap: float | None = None,
 ) -> Tensor:
     """Tailored predictions ``(batch, horizon, d)``, differentiable in every argument.
 
     ``rule="polyak"``: each step is ``lr * L / |grad L|^2`` along the gradient (``L`` the
-    sequence's loss, or the batch mean for a shared step)."""
+    sequence's loss, or the batch mean for a shared step); with ``cap``, at most
+    ``cap * |model| / |grad L|``, so the step moves the parameters by at most ``cap`` times
+    their untailored norm."""
     lr = log_lr.exp()
+    norm = torch.sqrt(sum((p**2).sum() for p in model))
 
     def size(loss: Tensor, grads: list[Tensor]) -> Tensor:
         if rule == "fixed":
             return lr
-        return lr * loss / sum((g * g).sum() for g in grads)
+        squared = sum((g * g).sum() for g in grads)
+        eta = lr * loss / squared
+        if cap is not None and eta * squared.sqrt() > cap * norm:
+            eta = cap * norm / squared.sqrt()
+        return eta
 
     if per_sample:
         outs = []

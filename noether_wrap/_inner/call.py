@@ -177,8 +177,12 @@ class InnerResult(NamedTuple):
 
 
 def parameter_norm(params: Params) -> Tensor:
-    """The detached norm of all of ``params`` together, a scalar."""
-    return torch.stack([p.detach().pow(2).sum() for p in params.values()]).sum().sqrt()
+    """The norm of all of ``params`` together, a scalar (differentiable: the outer gradient
+    sees it); where they are all zero (a zero-initialised branch), ``sqrt(numel)``: one unit
+    per parameter."""
+    squared = torch.stack([p.pow(2).sum() for p in params.values()]).sum()
+    count = float(sum(p.numel() for p in params.values()))
+    return torch.where(squared > 0, squared, torch.full_like(squared, count)).sqrt()
 
 
 @contextlib.contextmanager

@@ -112,15 +112,16 @@ def fixed_rule(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor) -> 
 
 def polyak_cap(call: Call, scale: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
     """Bound the Polyak step's move, ``scale · ‖∇L‖ <= polyak_cap · size`` (``size``: the
-    adapted parameters' norm): where the gradient vanishes but the loss does not (a saturated
-    ``g``, a cosine distance at ±1), ``L / ‖∇L‖²`` is unbounded; this is optax's
+    untailored adapted parameters' norm): where the gradient vanishes but the loss does not (a
+    saturated ``g``, a cosine distance at ±1), ``L / ‖∇L‖²`` is unbounded; this is optax's
     ``scale_by_polyak(max_learning_rate=...)`` stated relative to the parameters, so it keeps
-    the rule's scale-freedom in ``g`` and the loss."""
+    the rule's scale-freedom in ``g`` and the loss. Where it binds, the step no longer depends
+    on ``lr`` (its outer gradient is zero there), as for any active bound."""
     if call.step_rule != "polyak" or call.polyak_cap is None:
         return scale
     moving = squared_norm > 0
     safe = torch.where(moving, squared_norm, torch.ones_like(squared_norm))
-    limit = call.polyak_cap * size.detach() * torch.rsqrt(safe)
+    limit = call.polyak_cap * size * torch.rsqrt(safe)
     return torch.minimum(scale, limit)
 
 
