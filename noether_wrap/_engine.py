@@ -94,9 +94,25 @@ def noether_loss_fn(
                 f"the reference must provide at least `window` (={options.window}) frames, got "
                 f"{frames.shape[1]}; pass inputs with a time axis or a `reference`."
             )
-        return per_sequence_noether_loss(
-            frames, predictions, embedding, options.loss_form, options.distance, options.window
-        )
+        try:
+            return per_sequence_noether_loss(
+                frames, predictions, embedding, options.loss_form, options.distance, options.window
+            )
+        except (ValueError, RuntimeError) as error:
+            state = tuple(predictions.shape[2:])
+            frames_hint = (
+                f" If `inputs` holds {inputs.shape[1]} frames of a {state[-1]}-dim state rather "
+                f"than one state, the model reads them as one state of shape {state}: give it "
+                "the last frame, use Rollout(..., context=...) for a model that reads several, "
+                "or pass `reference`."
+                if inputs.dim() >= 3 and inputs.shape[1:] == predictions.shape[2:]
+                else ""
+            )
+            raise type(error)(
+                f"`embedding` failed on the predicted states, shape {state} each (the model's "
+                f"output {tuple(output.shape)} with time at `time_dim` (={options.time_dim}), "
+                f"from `inputs` of shape {tuple(inputs.shape)}): {error}{frames_hint}"
+            ) from error
 
     return loss
 
@@ -157,7 +173,7 @@ def run_call(
         if net.options.keep_if_better:
             better = result.losses[:, -1] < result.losses[:, 0]
             result = result._replace(prediction=select(better, result.prediction, result.initial))
-        _warn_if_diverged(net.options, result.losses)
+        _warn_if_diverged(net.options, result)
         _warn_if_blown_up(result)
         _check_horizon(net, horizons[0] if horizons else None)
     return result
@@ -411,12 +427,16 @@ def _write_back_buffers(model: nn.Module, final: Params | None) -> None:
                 buffer.copy_(value)
 
 
-def _warn_if_diverged(options: Options, losses: Tensor) -> None:
+def _warn_if_diverged(options: Options, result: InnerResult) -> None:
     """Warn when tailoring raised some sequence's Noether loss by more than ``DIVERGED``-fold:
     a finite blow-up (e.g. inputs far outside the data) that no non-finite check sees. The count
-    is over the sequences whose later losses were computed (a sample of a large batch)."""
+    is over the sequences whose later losses were computed (a sample of a large batch); a
+    sequence the guard gave its plain prediction does not count."""
+    losses = result.losses
     first, later = losses[:, :1].detach(), losses[:, 1:].detach()
     grew = (later > DIVERGED * first).any(dim=1)  # NaN (a loss not computed) never counts
+    if options.guard is not None and result.moves is not None:
+        grew = grew & (result.moves <= options.guard)
     if not bool(grew.any()):
         return
     checked = int((~torch.isnan(later)).any(dim=1).sum())

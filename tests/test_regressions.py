@@ -229,3 +229,78 @@ def test_bad_inputs_raise_the_same_named_error_for_every_k(
     net(torch.randn(3, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match=match):
         net(bad)
+
+
+# 5. what a new user met: honest counts, layouts named, conflicts named, blow-ups warned ------
+
+
+def test_the_divergence_warning_counts_only_the_sequences_it_checked() -> None:
+    """A plain call checks a sample of 8 sequences; the warning says so instead of reading as
+    a count over the batch, and return_info counts them all."""
+    torch.manual_seed(0)
+    step = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    net = NoetherWrapper(Rollout(step, 5), lambda s: s.pow(2).sum(-1), inner_lr=1e-3)
+    x = torch.full((64, 2), 1e30, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"8 of the 8 sequence\(s\) checked \(a sample of the "
+                      r"batch of 64"):  # fmt: skip
+        net(x)
+    with pytest.warns(RuntimeWarning, match=r"for 64 of 64 sequence\(s\)"):
+        net(x, return_info=True)
+
+
+class _TimeLast(nn.Module):
+    """A model whose output has time last: ``(batch, state, T)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.step(x)] * 6, dim=2)
+
+
+def test_an_output_with_time_elsewhere_names_time_dim() -> None:
+    x = torch.randn(2, 3)
+    NoetherWrapper(_TimeLast(), MLPEmbedding(3), time_dim=2)(x)  # the fix works
+    with pytest.raises(ValueError, match="pass time_dim=2"):
+        NoetherWrapper(_TimeLast(), MLPEmbedding(3))(x)
+
+
+def test_frames_read_as_one_state_name_the_models_input() -> None:
+    net = NoetherWrapper(Rollout(nn.Linear(4, 4), 5), MLPEmbedding(4))
+    net(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"`inputs` holds 3 frames of a 4-dim state"):
+        net(torch.randn(2, 3, 4))
+
+
+def test_affine_and_a_weight_path_conflict_is_named() -> None:
+    from noether_wrap import Affine
+
+    step = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+    NoetherWrapper(Rollout(step, 3), MLPEmbedding(2), adapt=Affine("step.0"))
+    with pytest.raises(ValueError, match="`per_sample_path`.*Affine"):
+        NoetherWrapper(Rollout(step, 3), MLPEmbedding(2), adapt=Affine("step.0"),
+                       per_sample_path="lowrank")  # fmt: skip
+    net = NoetherWrapper(Rollout(step, 3), MLPEmbedding(2), adapt=Affine("step.0"))
+    with pytest.raises(ValueError, match="`per_sample_path`"):
+        net.per_sample_path = "vmap"
+    assert net.per_sample_path == "auto"
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_a_finite_blow_up_on_the_affine_path_warns(per_sample: bool) -> None:
+    """Fixed steps on affines returned finite predictions near 1e33 without a word."""
+    from noether_wrap import Affine
+
+    torch.manual_seed(0)
+    step = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    net = NoetherWrapper(Rollout(step, 8), lambda s: s.pow(2).sum(-1), adapt=Affine("step.2"),
+                         inner_lr=1e3, inner_steps=3, per_sample=per_sample)  # fmt: skip
+    x = torch.randn(6, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="outside the untailored prediction's range"):
+        out = net(x)
+    assert float(out.abs().max()) > 10 * float(net.model(x).abs().max())
+    net.guard = 1.0  # the guard's answer: the plain prediction where tailoring went far
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(net(x), net.model(x))

@@ -49,6 +49,7 @@ def test_tune_inner_lr_picks_the_known_best_and_sets_it() -> None:
     assert net.inner_steps == 1 and net.model.step.b.item() == 1.0  # nothing else changed
     assert result.stderr[0.5] < 1e-12  # every sequence's error is (1 - 2 lr)^2: no spread
     assert (result.inner_steps, result.step_rule, result.sequences) == (1, "fixed", 8)
+    assert net.step_horizon == 1  # the horizon the step was chosen at travels with it
 
 
 def test_tune_inner_lr_with_a_custom_forward_chunks_and_errors() -> None:
