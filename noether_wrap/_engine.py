@@ -98,7 +98,7 @@ def noether_loss_fn(
             return per_sequence_noether_loss(
                 frames, predictions, embedding, options.loss_form, options.distance, options.window
             )
-        except (ValueError, RuntimeError) as error:
+        except ValueError as error:  # a shape check of the embedding's (RuntimeErrors pass)
             state = tuple(predictions.shape[2:])
             frames_hint = (
                 f" If `inputs` holds {inputs.shape[1]} frames of a {state[-1]}-dim state rather "
