@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from noether_wrap.tuning import clearly_better
+
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 #: Version of the metrics below; stored in the JSON so that a re-derivation knows what it redoes.
@@ -352,16 +354,17 @@ def select_row(
     """The row a training-data rule picks, among every row scored on validation (vanilla
     included where the example scores it): the lowest validation error; with ``per_sequence``
     validation errors (paired: the same validation sequences, in the same order, for every row),
-    vanilla unless that row beats it by more than the paired standard error (the rule the
-    library's tuning applies to every step). Ties go to vanilla."""
+    vanilla unless that row is ``noether_wrap.tuning.clearly_better`` (better on more sequences
+    than it is worse on, and by more than the paired standard error: the rule the library's
+    tuning applies to every step). Ties go to vanilla."""
     best = min(validation, key=lambda r: (validation[r], r != "vanilla"))
     if per_sequence is None or best == "vanilla" or "vanilla" not in per_sequence:
         return best
     if best not in per_sequence:
         return best
-    diff = per_sequence[best] - per_sequence["vanilla"]
-    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else math.inf
-    return best if -float(diff.mean()) > se else "vanilla"
+    if per_sequence[best].size < 2:
+        return "vanilla"
+    return best if clearly_better(per_sequence[best], per_sequence["vanilla"]) else "vanilla"
 
 
 def new_run() -> dict[str, Any]:

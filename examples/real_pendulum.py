@@ -22,10 +22,11 @@ Choices, on training data only: every row is built twice per model seed. A *vali
 trains on the first 80 % of the training states (355) and scores 30-step windows from every 5th
 of the last 89 training states (12 windows, a forward-in-time split that mirrors the test); there
 each step is chosen among off and an ascending half-decade grid 1e-4 ... 1 (Polyak rows: the
-fraction gamma in 0.125 ... 1), off kept unless a step beats it by more than its paired standard
-error over the windows (noether_wrap.tuning.tune's rule; the grid is cut once a step is 2x worse
-than off), and ``selected`` is the row (vanilla included) with
-the lowest validation error, again kept at vanilla unless it wins by more than its paired SE. The
+fraction gamma in 0.125 ... 2), each with the prediction guards of noether_wrap.tune (none, 0.1,
+0.3, 1), off kept unless a setting is ``noether_wrap.tuning.clearly_better`` over the windows
+(better on more windows than it is worse on, and by more than the paired standard error: tune's
+rule; the grid is cut once a step is 2x worse than off), and ``selected`` is the row (vanilla
+included) with the lowest validation error, again kept at vanilla unless clearly better. The
 *test stage* retrains on all 444 training states with those choices and only scores the test.
 
 Rows: vanilla; control (vanilla + as many more Adam steps as the meta row); hnn (a Hamiltonian
@@ -68,6 +69,11 @@ import protocol  # noqa: E402
 
 from noether_wrap import NoetherWrapper, Rollout, fit_conserved  # noqa: E402
 from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized  # noqa: E402
+from noether_wrap.tuning import (  # noqa: E402
+    DEFAULT_GUARDS,
+    DEFAULT_POLYAK_CANDIDATES,
+    clearly_better,
+)
 
 DATA = Path(__file__).resolve().parent / "data" / "real_pend_h_1.txt"
 SHA256 = "45d92988198b89a5933f5a53e67aa819d06937516f71a462ac09e1307d8b3411"
@@ -79,8 +85,10 @@ STRIDE = 5
 CANDIDATES = tuple(round(10 ** (k / 2), 6) for k in range(-8, 1))
 #: Outer batches (states) of the meta row and of the control, the same draws for both.
 META_BATCH = 128
-#: Polyak fractions gamma (the library's grid), ascending.
-POLYAK_CANDIDATES = (0.125, 0.25, 0.5, 1.0)
+#: Polyak fractions gamma (the library's grid, to the Gauss–Newton step 2), ascending.
+POLYAK_CANDIDATES = DEFAULT_POLYAK_CANDIDATES
+#: Prediction guards scored beside every step (the library's grid; None: no guard).
+GUARDS = DEFAULT_GUARDS
 TERMS = ("q", "p", "q^2", "p^2", "cos(q)", "sin(q)", "q*p")
 #: Stop the (ascending) step grid once a step's validation error exceeds this times off's.
 GIVE_UP = 2.0
@@ -274,9 +282,11 @@ class Tailoring:
         return POLYAK_CANDIDATES if self.polyak else CANDIDATES
 
     def predict(
-        self, f: nn.Module, g: nn.Module, lr: float, starts: Tensor, horizon: int
-    ) -> Tensor:
+        self, f: nn.Module, g: nn.Module, lr: float, starts: Tensor, horizon: int,
+        guard: float | None = None,
+    ) -> Tensor:  # fmt: skip
         extra: dict[str, Any] = {"step_rule": "polyak"} if self.polyak else {}
+        extra["guard"] = guard
         if self.per_state:
             net = NoetherWrapper(
                 Rollout(f, 1, dt=DT, method="rk4"),
@@ -468,12 +478,8 @@ def window_mse(pred: Tensor, truth: Tensor) -> np.ndarray:
 
 
 def beats(base: np.ndarray, cand: np.ndarray) -> bool:
-    """``cand`` is better than ``base`` by more than the paired standard error (per window)."""
-    diff = np.asarray(base) - np.asarray(cand)
-    if not np.isfinite(diff).all():
-        return False
-    se = diff.std(ddof=1) / math.sqrt(diff.size) if diff.size > 1 else math.inf
-    return bool(diff.mean() > se)
+    """``cand`` is ``noether_wrap.tuning.clearly_better`` than ``base`` (per window)."""
+    return np.size(base) > 1 and clearly_better(torch.as_tensor(cand), torch.as_tensor(base))
 
 
 def plain_rows(built: Built, starts: Tensor, horizon: int) -> dict[str, Tensor]:
@@ -493,33 +499,51 @@ def validate(stage: Stage, seed: int, cfg: Settings, rows: dict[str, Tailoring])
     starts, truth = stage.window_starts(), stage.window_truth()
     val = {r: window_mse(p, truth) for r, p in plain_rows(built, starts, cfg.horizon).items()}
     lrs: dict[str, float | None] = {}
+    guards: dict[str, float | None] = {}
     grids: dict[str, dict[str, float]] = {}
     for name, tail in tqdm(rows.items(), desc=f"validation seed {seed}", leave=False):
         if tail.g == "meta":  # from the test-time learned row's step (rows are in order)
             lr0 = lrs["testtime_learned"] or tail.candidates()[0]
             meta_train(built, stage, cfg, lr0, f"{stage.name} seed {seed} meta")
         g = built.gs[tail.g]
-        scores: dict[float, np.ndarray] = {}
+        scores: dict[tuple[float, float | None], np.ndarray] = {}
         for c in tail.candidates()[: cfg.candidates_cap]:  # ascending
-            with warnings.catch_warnings():  # a diverging candidate is scored, not reported
-                warnings.simplefilter("ignore", RuntimeWarning)
-                pred = tail.predict(built.fields["vanilla"], g, c, starts, cfg.horizon)
-            scores[c] = window_mse(pred, truth)
-            if not scores[c].mean() < GIVE_UP * val["vanilla"].mean():
+            for guard in GUARDS:
+                with warnings.catch_warnings():  # a diverging candidate is scored, not reported
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    pred = tail.predict(
+                        built.fields["vanilla"], g, c, starts, cfg.horizon, guard=guard
+                    )
+                scores[c, guard] = window_mse(pred, truth)
+            if not scores[c, None].mean() < GIVE_UP * val["vanilla"].mean():
                 break  # larger steps only diverge further
-        finite = {c: e for c, e in scores.items() if np.isfinite(e).all()}
-        best = min(finite, key=lambda c: finite[c].mean()) if finite else None
+        finite = {k: e for k, e in scores.items() if np.isfinite(e).all()}
+        # the library's rule (noether_wrap.tune): the best among the settings that help more
+        # windows than they hurt, kept only if clearly better than off
+        majority = {
+            k: e for k, e in finite.items()
+            if (e < val["vanilla"]).sum() > (e > val["vanilla"]).sum()
+        }  # fmt: skip
+        pool = majority or finite
+        best = min(pool, key=lambda k: pool[k].mean()) if pool else None
         chosen = best if best is not None and beats(val["vanilla"], finite[best]) else None
-        lrs[name] = chosen
+        lrs[name] = None if chosen is None else chosen[0]
+        guards[name] = None if chosen is None else chosen[1]
         val[name] = val["vanilla"] if chosen is None else finite[chosen]
         grids[name] = {"off": float(val["vanilla"].mean())} | {
-            str(c): float(e.mean()) for c, e in scores.items()
+            f"{c}" + ("" if guard is None else f" guard {guard}"): float(e.mean())
+            for (c, guard), e in scores.items()
         }
-    return {"lr": lrs, "val": val, "grid": grids, "seconds": built.seconds}
+    return {"lr": lrs, "guard": guards, "val": val, "grid": grids, "seconds": built.seconds}
 
 
 def test(
-    stage: Stage, seed: int, cfg: Settings, rows: dict[str, Tailoring], lrs: dict[str, float | None]
+    stage: Stage,
+    seed: int,
+    cfg: Settings,
+    rows: dict[str, Tailoring],
+    lrs: dict[str, float | None],
+    guards: dict[str, float | None],
 ) -> dict[str, Any]:
     """The test stage of one model seed: every row's window and whole-segment predictions."""
     built = build(stage, seed, cfg)
@@ -536,9 +560,10 @@ def test(
             continue
         g = built.gs[tail.g]
         t0 = time.perf_counter()
-        pred[name] = tail.predict(built.fields["vanilla"], g, lr, starts, cfg.horizon)
+        guard = guards[name]
+        pred[name] = tail.predict(built.fields["vanilla"], g, lr, starts, cfg.horizon, guard)
         seconds[name] = time.perf_counter() - t0
-        whole[name] = tail.predict(built.fields["vanilla"], g, lr, w0, stage.whole)
+        whole[name] = tail.predict(built.fields["vanilla"], g, lr, w0, stage.whole, guard)
     diag = diagnostics(built, stage, seed, cfg)
     return {
         "pred": pred,
@@ -619,6 +644,7 @@ def summarise(
         extras[r]["validation_error"] = float(val.mean())
         if r in noether:
             extras[r]["inner_lr_per_seed"] = [run["lr"][r] for run in runs]
+            extras[r]["guard_per_seed"] = [run["guard"][r] for run in runs]
             extras[r]["validation_grid"] = [run["grid"][r] for run in runs]
         if r in runs[0]["rollout_seconds"] or r in noether:
             secs = [run["rollout_seconds"][r] for run in runs if r in run["rollout_seconds"]]
@@ -779,7 +805,7 @@ def run_seed(seed: int, rows_raw: np.ndarray, cfg: Settings, threads: int) -> di
     val_stage, test_stage = stages(rows_raw, cfg)
     noether = noether_rows(cfg.polyak)
     v = validate(val_stage, seed, cfg, noether)
-    t = test(test_stage, seed, cfg, noether, v["lr"])
+    t = test(test_stage, seed, cfg, noether, v["lr"], v["guard"])
     truth, whole_truth = test_stage.window_truth(), test_stage.whole_truth()
     built: Built = t["built"]
     starts = test_stage.window_starts()
@@ -805,6 +831,7 @@ def run_seed(seed: int, rows_raw: np.ndarray, cfg: Settings, threads: int) -> di
         "whole": t["whole"],
         "val": v["val"],
         "lr": v["lr"],
+        "guard": v["guard"],
         "grid": v["grid"],
         "meta_learned_step": built.meta_lr,
         "diag_err": {r: window_mse(p, truth) for r, p in t["diagnostics"]["pred"].items()},

@@ -31,6 +31,7 @@ __all__ = [
     "TuneGridResult",
     "TuneResult",
     "TuningWarning",
+    "clearly_better",
     "per_sequence_mse",
     "tune",
     "tune_inner_lr",
@@ -127,7 +128,11 @@ class TuneResult(NamedTuple):
         chosen = (
             None if self.best is None else TuneConfig(self.inner_steps, self.step_rule, self.best)
         )
-        return _table(self.untailored, rows, chosen, self.sequences)
+        off = self.per_sequence.get(None)
+        signs = None
+        if off is not None and all(c.step in self.per_sequence for c in rows):
+            signs = {c: _signs(self.per_sequence[c.step], off) for c in rows}
+        return _table(self.untailored, rows, chosen, self.sequences, signs)
 
 
 class TuneGridResult(NamedTuple):
@@ -142,6 +147,8 @@ class TuneGridResult(NamedTuple):
         untailored: the mean loss with ``inner_steps = 0``.
         sequences: how many sequences each mean is over.
         guard: the winning prediction guard τ (None: no guard, or "off").
+        signs: ``{TuneConfig: (better, worse)}``, how many sequences each configuration made
+            better and worse than "off" (a configuration must help more than it hurts to win).
     """
 
     best: float | None
@@ -152,6 +159,7 @@ class TuneGridResult(NamedTuple):
     untailored: float
     sequences: int
     guard: float | None = None
+    signs: dict[TuneConfig, tuple[int, int]] = {}
 
     @property
     def config(self) -> TuneConfig | None:
@@ -163,7 +171,8 @@ class TuneGridResult(NamedTuple):
     def table(self) -> str:
         """Every configuration with its mean loss and its difference to "off" ± paired SE."""
         rows = {c: (m, self.stderr[c]) for c, m in self.losses.items()}
-        return _table(self.untailored, rows, self.config, self.sequences)
+        signs = self.signs if set(self.signs) >= set(rows) else None
+        return _table(self.untailored, rows, self.config, self.sequences, signs)
 
 
 def per_sequence_mse(prediction: Tensor, target: Tensor) -> Tensor:
@@ -363,6 +372,7 @@ def tune(
         float(off.mean()),
         off.shape[0],
         None if winner is None else winner.guard,
+        {c: _signs(search.per_sequence[c], off) for c in configs},
     )
 
 
@@ -562,11 +572,16 @@ def _finish(
             TuningWarning,
         )
     finite = [c for c in configs if not scored[c][2]]
-    best = min(finite, key=lambda c: scored[c][0]) if finite else None
+    signs = {c: _signs(search.per_sequence[c], off) for c in configs}
+    # a majority rule first: a configuration that helps fewer sequences than it hurts is carried
+    # by a few, and a few sequences do not decide (they are where heavy tails live)
+    majority = [c for c in finite if signs[c][0] > signs[c][1]]
+    pool = majority or finite
+    best = min(pool, key=lambda c: scored[c][0]) if pool else None
     rows = {c: scored[c][:2] for c in configs}
     if best is not None:
         mean, se, _ = scored[best]
-        if untailored - mean > se:
+        if clearly_better(search.per_sequence[best], off):
             _apply(net, best)
             if hasattr(net, "step_horizon"):
                 net.step_horizon = search.horizon
@@ -591,12 +606,52 @@ def _finish(
             f"{mean:.4g} vs {untailored:.4g} untailored, difference {mean - untailored:+.3g} "
             f"± {se:.3g} (paired standard error over {n} sequences)"
         )
+        if best not in majority and mean < untailored:
+            better, worse = signs[best]
+            why = (
+                f"no configuration helps more sequences than it hurts; the best by mean, "
+                f"{best.label()}, is better on {better} and worse on {worse} of {n} sequences "
+                f"(mean loss {mean:.4g} vs {untailored:.4g} untailored): a few sequences carry "
+                "its mean"
+            )
     warn(
         f"tuning: {why}; the wrapper is set to inner_steps=0 and is now exactly the model.\n"
-        + _table(untailored, rows, None, n),
+        + _table(untailored, rows, None, n, signs),
         TailoringDoesNotHelp,
     )
     return None
+
+
+def _signs(losses: Tensor, off: Tensor) -> tuple[int, int]:
+    """How many sequences a configuration made better and how many worse than "off"."""
+    diff = losses - off
+    return int((diff < 0).sum()), int((diff > 0).sum())
+
+
+def clearly_better(candidate: Tensor | Sequence[float], base: Tensor | Sequence[float]) -> bool:
+    """The rule every choice here applies: ``candidate`` beats ``base`` on the same sequences
+    (paired, ``(n,)`` per-sequence losses each) only if it is better on more sequences than it
+    is worse on (a few sequences cannot carry it) and its mean is lower by more than the
+    paired standard error of the difference. Non-finite losses never win.
+
+    Example:
+        >>> clearly_better([1.0, 1.0, 1.1, 0.9], [2.0, 2.0, 2.0, 2.0])
+        True
+        >>> clearly_better([0.0, 2.1, 2.1, 2.1], [2.0, 2.0, 2.0, 2.0])  # one sequence carries it
+        False
+    """
+    cand = torch.as_tensor(candidate, dtype=torch.float64).flatten()
+    ref = torch.as_tensor(base, dtype=torch.float64).flatten()
+    if cand.shape != ref.shape or cand.numel() < 2:
+        raise ValueError(
+            f"`candidate` and `base` must be paired per-sequence losses of the same length >= 2, "
+            f"got {tuple(cand.shape)} and {tuple(ref.shape)}."
+        )
+    if not bool(torch.isfinite(cand).all() and torch.isfinite(ref).all()):
+        return False
+    better, worse = _signs(cand, ref)
+    diff = cand - ref
+    return better > worse and -float(diff.mean()) > _paired_se(diff)
 
 
 def _table(
@@ -604,17 +659,19 @@ def _table(
     rows: Mapping[TuneConfig, tuple[float, float]],
     chosen: TuneConfig | None,
     sequences: int,
+    signs: Mapping[TuneConfig, tuple[int, int]] | None = None,
 ) -> str:
     lines = [
-        f"{'configuration':<24} {'mean loss':>12} {'vs off ± SE':>24}"
+        f"{'configuration':<30} {'mean loss':>12} {'vs off ± SE':>24} {'better/worse':>13}"
         f"   (over {sequences} sequences)",
-        f"{'off (inner_steps=0)':<24} {untailored:>12.5g} {'':>24}"
+        f"{'off (inner_steps=0)':<30} {untailored:>12.5g} {'':>24} {'':>13}"
         + ("   <- chosen" if chosen is None else ""),
     ]
     for config, (mean, se) in rows.items():
         diff = f"{mean - untailored:+.4g} ± {se:.3g}"
+        counts = "" if signs is None else "{}/{}".format(*signs[config])
         mark = "   <- chosen" if config == chosen else ""
-        lines.append(f"{config.label():<24} {mean:>12.5g} {diff:>24}{mark}")
+        lines.append(f"{config.label():<30} {mean:>12.5g} {diff:>24} {counts:>13}{mark}")
     return "\n".join(lines)
 
 

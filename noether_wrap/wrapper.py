@@ -37,7 +37,8 @@ from noether_wrap._options import (
 from noether_wrap._warn import warn
 from noether_wrap.loss import Distance, LossForm
 
-#: The Polyak rule's default fraction γ: remove the whole Noether loss to first order.
+#: The Polyak rule's default fraction γ: remove the Noether loss to first order in the loss
+#: (for its squared residual: halve the residual; γ = 2 is the Gauss–Newton step).
 DEFAULT_POLYAK_FRACTION = 1.0
 DEFAULT_FIXED_STEP = 1e-3
 
