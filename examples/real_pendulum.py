@@ -525,7 +525,12 @@ def validate(stage: Stage, seed: int, cfg: Settings, rows: dict[str, Tailoring])
             if (e < val["vanilla"]).sum() > (e > val["vanilla"]).sum()
         }  # fmt: skip
         pool = majority or finite
-        best = min(pool, key=lambda k: pool[k].mean()) if pool else None
+        # ties (guards that bind on no window) go to the tightest guard, as in tune
+        best = (
+            min(pool, key=lambda k: (pool[k].mean(), math.inf if k[1] is None else k[1]))
+            if pool
+            else None
+        )
         chosen = best if best is not None and beats(val["vanilla"], finite[best]) else None
         lrs[name] = None if chosen is None else chosen[0]
         guards[name] = None if chosen is None else chosen[1]

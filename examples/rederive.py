@@ -92,10 +92,11 @@ def is_report(report: Any) -> bool:
 
 
 def is_table_only(report: Any) -> bool:
-    """A JSON whose tables copy its stored figures, with no ``raw`` errors to re-derive or
-    check: a benchmark's timings, or the newcomer's per-seed figures (no bootstrap)."""
+    """A JSON with tables but not the protocol's row schema, so nothing for ``--check``: a
+    benchmark's timings, the newcomer's per-seed figures (no bootstrap), or the real pendulum
+    split in time (its table is recomputed from its raw per-window errors)."""
     return isinstance(report, Mapping) and (
-        bool(report.get("benchmark")) or report.get("example") == "newcomer"
+        bool(report.get("benchmark")) or report.get("example") in ("newcomer", "real_blocks")
     )
 
 
@@ -469,6 +470,30 @@ def newcomer_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def blocks_table(report: Mapping[str, Any]) -> str:
+    """docs/real-pendulum.md's split-in-time table from ``examples/real_blocks.py``'s JSON,
+    recomputed from its raw per-window errors: per row and block, the ratio of mean window MSE
+    to the plain field over all seeds, each seed's ratio, and the windows improved."""
+    runs = report["runs"]
+    blocks = list(runs[0]["errors"])
+    head = ["row"] + [f"{b}{' (validation)' if i == 0 else ''}" for i, b in enumerate(blocks)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in runs[0]["errors"][blocks[0]]:
+        if row == "vanilla":
+            continue
+        cells = [f"`{row}`"]
+        for b in blocks:
+            mine = [np.asarray(r["errors"][b][row], dtype=np.float64) for r in runs]
+            base = [np.asarray(r["errors"][b]["vanilla"], dtype=np.float64) for r in runs]
+            pooled = np.concatenate(mine).mean() / np.concatenate(base).mean()
+            seeds = ", ".join(f"{m.mean() / v.mean():.3f}" for m, v in zip(mine, base))
+            better = sum(int((m < v).sum()) for m, v in zip(mine, base))
+            total = sum(m.size for m in mine)
+            cells.append(f"{_big(pooled)}× ({seeds}); {better}/{total}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 #: ``NAME.kind`` table kinds, each built from the one report ``NAME.json``.
 KINDS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "curves": curves_table,
@@ -494,6 +519,8 @@ def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
         raise KeyError(f"unknown table kind {kind!r} in {name}")
     if report.get("example") == "newcomer":
         return newcomer_table(report)
+    if report.get("example") == "real_blocks":
+        return blocks_table(report)
     if report.get("benchmark") == "tailoring":
         return tailoring_table(report)
     if report.get("benchmark") == "compat":

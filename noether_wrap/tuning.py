@@ -315,7 +315,10 @@ def tune(
         guards: the prediction guards τ to score beside every step (``None``: no guard);
             default :data:`DEFAULT_GUARDS`. With the default ``forward`` one run per step
             scores them all (the guard only picks, per sequence, the tailored or the untailored
-            prediction); a custom ``forward`` runs once per guard.
+            prediction); a custom ``forward`` runs once per guard. Guards that bind on no
+            validation sequence score exactly alike; the tightest of them is kept (free
+            insurance: a later sequence that moves further than any validation sequence did
+            keeps its plain prediction).
         loss: ``(prediction, target) -> (batch,)``; default :func:`per_sequence_mse`. A loss
             that returns a scalar is called once per sequence so standard errors still exist.
         forward: ``(net, inputs) -> prediction``; default ``net(inputs)``.
@@ -577,7 +580,10 @@ def _finish(
     # by a few, and a few sequences do not decide (they are where heavy tails live)
     majority = [c for c in finite if signs[c][0] > signs[c][1]]
     pool = majority or finite
-    best = min(pool, key=lambda c: scored[c][0]) if pool else None
+    # exact ties are guards that bound on no validation sequence: take the tightest, which
+    # costs nothing on validation and keeps the plain prediction where a later sequence moves
+    # further than any validation sequence did
+    best = min(pool, key=lambda c: (scored[c][0], _guard_order(c.guard))) if pool else None
     rows = {c: scored[c][:2] for c in configs}
     if best is not None:
         mean, se, _ = scored[best]
@@ -620,6 +626,11 @@ def _finish(
         TailoringDoesNotHelp,
     )
     return None
+
+
+def _guard_order(guard: float | None) -> float:
+    """Tighter guards first among configurations that score the same; no guard last."""
+    return math.inf if guard is None else guard
 
 
 def _signs(losses: Tensor, off: Tensor) -> tuple[int, int]:

@@ -63,3 +63,23 @@ def test_checksum_fires_on_a_corrupted_copy(tmp_path: Path) -> None:
         real_pendulum.load(copy)
     with pytest.raises(real_pendulum.ChecksumError):
         real_pendulum.main(["--quick", "--data", str(copy)])
+
+
+def test_quick_time_split(tmp_path: Path) -> None:
+    """examples/real_blocks.py: every block and row finite, the tuned rows' choices recorded,
+    and a guard that binds never returns anything but the plain or the tailored prediction."""
+    import real_blocks
+
+    out = tmp_path / "real_blocks.json"
+    report = real_blocks.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text())["example"] == "real_blocks"
+    blocks = report["blocks"]
+    assert list(blocks) == ["60-70%", "70-80%"]
+    for name, rows in blocks.items():
+        assert {"tuned", "tuned_unguarded", "polyak_0.5_guard_0.2"} <= set(rows), name
+        for row, m in rows.items():
+            assert math.isfinite(m["ratio"]) and 0 <= m["improved"] <= m["n"], (name, row)
+    for run in report["runs"]:
+        chosen = run["chosen"]["tuned"]
+        assert chosen["guard"] is None or chosen["guard"] > 0
+        assert run["chosen"]["tuned_unguarded"]["guard"] is None

@@ -301,8 +301,10 @@ def test_tune_compares_the_fixed_and_polyak_rules() -> None:
     for gamma in (0.25, 0.5, 1.0):
         value = result.losses[TuneConfig(1, "polyak", gamma)]
         assert math.isclose(value, (1 - gamma / 2) ** 2, rel_tol=1e-6)
-    assert result.config == TuneConfig(1, "fixed", 0.5)
-    assert net.step_rule == "fixed" and math.isclose(net.inner_lr, 0.5)
+    # every sequence moves by exactly its plain displacement (b: 1 -> 0): the guards 1.0 and
+    # None tie, and the tightest guard that costs nothing is kept
+    assert result.config == TuneConfig(1, "fixed", 0.5, 1.0)
+    assert net.step_rule == "fixed" and math.isclose(net.inner_lr, 0.5) and net.guard == 1.0
     with pytest.warns(TuningWarning, match="largest 'polyak'"):
         polyak = tune(net, x, x.unsqueeze(1), step_rules=("polyak",))  # default γ grid
     # γ = 2 is the Gauss–Newton step: exact on this quadratic (b' = 0), whatever the guard
