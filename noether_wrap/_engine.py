@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -188,7 +189,8 @@ def _run(net: NoetherWrapper, call: Call, materialise: bool) -> InnerResult:
     path, runner = choose_path(net, list(params), materialise)
     try:
         try:
-            result = runner(call, params, progress)
+            with _slow_vmap_watch(net, path):
+                result = runner(call, params, progress)
         except _inner.Unsupported as why:
             if options.per_sample_path == "lowrank":
                 raise ValueError(
@@ -197,7 +199,8 @@ def _run(net: NoetherWrapper, call: Call, materialise: bool) -> InnerResult:
                 ) from None
             path, runner = "vmap", _inner.tailor_vmap
             progress = Progress()
-            result = runner(call, params, progress)
+            with _slow_vmap_watch(net, path):
+                result = runner(call, params, progress)
         if not bool(result.ok.all()):
             result = _recover(call, runner, params, result)
     except RuntimeError as error:
@@ -391,6 +394,46 @@ def _path_error(call: Call, path: str, error: RuntimeError) -> ValueError:
         f"layers (the low-rank path, no vmap); or per_sample=False (one step shared by the "
         f"batch).{hint}"
     )
+
+
+#: What torch's vmap says when it runs an operator one sequence at a time.
+_SLOW_VMAP = "performance drop because we have not yet implemented the batching rule"
+
+
+@contextlib.contextmanager
+def _slow_vmap_watch(net: NoetherWrapper, path: str) -> Iterator[None]:
+    """On the ``vmap`` path, turn torch's generic "performance drop" warnings (an operator
+    without a batching rule runs one sequence at a time) into one warning per wrapper that names
+    the fast ways; every other warning passes through unchanged."""
+    if path != "vmap":
+        yield
+        return
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        _pass_on(net, caught)
+
+
+def _pass_on(net: NoetherWrapper, caught: list[warnings.WarningMessage]) -> None:
+    """Re-issue what :func:`_slow_vmap_watch` recorded, the slow-fallback ones as one."""
+    slow = sorted({str(w.message).split("rule for ")[-1].split(".")[0] for w in caught
+                   if _SLOW_VMAP in str(w.message)})  # fmt: skip
+    for w in caught:
+        if _SLOW_VMAP not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if slow and not net._warned_slow_vmap:
+        net._warned_slow_vmap = True
+        warn(
+            f"NoetherWrapper: per-sample tailoring runs through vmap, which has no batching rule "
+            f"for {', '.join(slow)} and runs it one sequence at a time (slow: an RNN cell "
+            "measured 17x an unwrapped step). Fast ways: adapt=noether_wrap.Affine('<module "
+            "glob>') (per-sequence affines, any layer, about the cost of a shared step), an "
+            "`adapt` that selects only nn.Linear/Conv layers (the low-rank path), or "
+            "per_sample=False (one step shared by the batch).",
+            RuntimeWarning,
+        )
 
 
 def _warn_if_no_op(net: NoetherWrapper, result: InnerResult) -> None:

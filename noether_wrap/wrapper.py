@@ -230,6 +230,7 @@ class NoetherWrapper(nn.Module):
         self.last_horizon: int | None = None
         self._warned_no_op = False
         self._warned_horizon = False
+        self._warned_slow_vmap = False
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
         log_lr = torch.tensor(
             math.log(inner_lr),

@@ -304,3 +304,33 @@ def test_a_finite_blow_up_on_the_affine_path_warns(per_sample: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(net(x), net.model(x))
+
+
+class _GRUDecoder(nn.Module):
+    """A GRUCell decoder: vmap has no batching rule for ``gru_cell``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.out = nn.GRUCell(2, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, outs = x.new_zeros(x.shape[0], 8), []
+        for _ in range(4):
+            h = self.cell(x, h)
+            x = self.out(h)
+            outs.append(x)
+        return torch.stack(outs, 1)
+
+
+def test_vmaps_slow_fallback_is_named_once_with_the_fast_ways() -> None:
+    net = NoetherWrapper(_GRUDecoder(), lambda s: s.pow(2).sum(-1), inner_lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net(torch.randn(3, 2))
+        net(torch.randn(3, 2))
+    messages = [str(w.message) for w in caught]
+    assert net.last_path == "vmap"
+    ours = [m for m in messages if "one sequence at a time" in m]
+    assert len(ours) == 1 and "gru_cell" in ours[0] and "Affine" in ours[0]
+    assert "per_sample=False" in ours[0]
+    assert not any("performance drop" in m for m in messages)
