@@ -537,13 +537,17 @@ def _warn_if_blown_up(result: InnerResult) -> None:
 
 
 def _check_horizon(net: NoetherWrapper, horizon: int | None) -> None:
-    """A fixed step is specific to the rollout horizon it was chosen at (the Noether loss sums
-    over the steps, so its gradient grows with the horizon): record the horizon a learned step
-    trains at, and warn once when a call's horizon differs from the recorded one. The Polyak
-    rule is scale-free in the loss, so its fraction carries over."""
+    """A step is specific to the rollout horizon it was chosen at: record the horizon a learned
+    step trains at, and warn once when a call's horizon differs from the recorded one.
+
+    For a fixed step the loss and its gradient grow with the horizon (a step learned at 10 and
+    used at 30 made a prediction 4.5x worse). The Polyak fraction is scale-free, but which
+    fraction helps still changes with the horizon: tuned at 10 on the ideal pendulum and used at
+    30 it gave 1.20x vanilla on one data seed (0.70x with ``inner_horizon=10``) and 0.62x on
+    another, so both rules warn."""
     options = net.options
     net.last_horizon = horizon
-    if horizon is None or options.step_rule != "fixed":
+    if horizon is None:
         return
     learning = net.training and torch.is_grad_enabled() and net.log_inner_lr.requires_grad
     if options.step_horizon is None:
@@ -553,12 +557,21 @@ def _check_horizon(net: NoetherWrapper, horizon: int | None) -> None:
     if horizon == options.step_horizon or net._warned_horizon:
         return
     net._warned_horizon = True
+    what = (
+        f"fixed step (inner_lr={net.inner_lr:.3g})"
+        if options.step_rule == "fixed"
+        else f"Polyak fraction (gamma={net.inner_lr:.3g})"
+    )
+    why = (
+        "the loss and its gradient grow with the horizon, so the step may be too large"
+        if options.step_rule == "fixed"
+        else "the fraction is scale-free, but the one that helps changes with the horizon"
+    )
     warn(
-        f"NoetherWrapper: this fixed step (inner_lr={net.inner_lr:.3g}) was chosen at a rollout "
-        f"horizon of {options.step_horizon} steps (`step_horizon`), but this call's Noether loss "
-        f"reads {horizon}: the loss and its gradient grow with the horizon, so the step may be "
-        f"too large. Tune it again at this horizon, pass inner_horizon={options.step_horizon}, "
-        "or use step_rule='polyak' (scale-free).",
+        f"NoetherWrapper: this {what} was chosen at a rollout horizon of {options.step_horizon} "
+        f"steps (`step_horizon`), but this call's Noether loss reads {horizon}: {why}. Tune it "
+        f"again at this horizon, or pass inner_horizon={options.step_horizon} to tailor on the "
+        "steps it was chosen for.",
         RuntimeWarning,
     )
 

@@ -155,7 +155,7 @@ OPTIONS: tuple[Option, ...] = (
         "step_horizon",
         None,
         _int(allow_none=True),
-        "the rollout horizon a fixed step was tuned or learned at (set by `tune` and by "
+        "the rollout horizon the step was tuned or learned at (set by `tune` and by "
         "training); a call at another horizon warns once",
     ),
     Option(

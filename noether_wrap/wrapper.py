@@ -114,10 +114,10 @@ class NoetherWrapper(nn.Module):
             last ``window`` frames along ``time_dim``.
         time_dim: the time axis of the model's output (and of ``inputs`` if it has one).
         inner_horizon: the Noether loss uses only the first ``inner_horizon`` predicted steps.
-        step_horizon: the rollout horizon a fixed step was chosen at; :func:`~noether_wrap.tune`
+        step_horizon: the rollout horizon the step was chosen at; :func:`~noether_wrap.tune`
             sets it, and a training call records it when the step is learned. A call whose
-            Noether loss reads another horizon warns once (a fixed step is horizon-specific;
-            the Polyak fraction is not).
+            Noether loss reads another horizon warns once (for a fixed step the gradient grows
+            with the horizon; for Polyak the fraction that helps changes with it).
         keep_if_better: per sequence, keep the untailored prediction where tailoring did not
             lower the Noether loss.
         max_inner_grad_norm: clip each inner gradient (per sequence when ``per_sample``).

@@ -116,7 +116,8 @@ def test_a_fixed_step_tuned_at_one_horizon_warns_once_at_another() -> None:
         net(x)  # once
         net.inner_horizon = 4  # the step's horizon: nothing to say
         net(x)
-        net.inner_horizon, net.step_rule = None, "polyak"  # scale-free in the horizon
+    net.inner_horizon, net.step_rule = None, "polyak"  # the helpful fraction changes too
+    with pytest.warns(RuntimeWarning, match=r"Polyak fraction .* horizon of 4 steps"):
         net(x)
 
 
