@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [run_seed(seed, rec, cfg) for seed in range(seeds)]
     summary = summarise(runs)
     print_report(summary, runs)
-    report = {"example": "real_blocks", "seeds": list(range(seeds)), "horizon": HORIZON,
-              "blocks": summary, "runs": runs,
-              "provenance": protocol.provenance(time.perf_counter() - start)}  # fmt: skip
+    seconds = time.perf_counter() - start
+    report = {"example": "real_blocks", "seeds": list(range(seeds)), "seconds": seconds,
+              "horizon": HORIZON, "blocks": summary, "runs": runs,
+              "provenance": protocol.provenance(seconds)}  # fmt: skip
     if cfg.json is not None:
         cfg.json.parent.mkdir(parents=True, exist_ok=True)
         cfg.json.write_text(protocol.json_text(report))
