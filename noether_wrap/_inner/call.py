@@ -91,6 +91,11 @@ class Call:
         return self.step_rule == "polyak" or self.max_grad_norm is not None
 
     @property
+    def caps_polyak(self) -> bool:
+        """Whether the Polyak cap applies (the rule is Polyak and the cap is set)."""
+        return self.step_rule == "polyak" and self.polyak_cap is not None
+
+    @property
     def batch(self) -> int:
         return int(self.inputs.shape[0])
 

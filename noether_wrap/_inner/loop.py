@@ -80,8 +80,9 @@ class Stepper(Protocol[State]):
         """The adapted parameters at ``state``, where the path materialises them."""
 
     def size(self, point: State) -> Tensor:
-        """The norm of the untailored adapted parameters (affines: the identity's), a detached
-        scalar: what the Polyak cap measures a step against."""
+        """The norm of the untailored adapted parameters (affines: the identity's), a scalar
+        (differentiable where the parameters are): what the Polyak cap measures a step
+        against. Asked for only where the cap applies."""
 
 
 def clip_scale(squared_norm: Tensor, max_norm: float) -> Tensor:
@@ -92,7 +93,7 @@ def clip_scale(squared_norm: Tensor, max_norm: float) -> Tensor:
     return max_norm * torch.rsqrt(squared_norm.clamp(min=max_norm**2))
 
 
-def polyak_rule(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+def polyak_rule(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor | None) -> Tensor:
     """``lr · L / ‖∇L‖²`` per row: the step that removes a fraction ``lr`` of the row's loss
     ``L`` to first order (``lr = 2`` is the Gauss–Newton step of the squared residual): invariant
     to the scale of ``g`` and of the loss; zero where the gradient is zero. Under second order the
@@ -105,34 +106,36 @@ def polyak_rule(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor) ->
     return call.lr * ratio
 
 
-def fixed_rule(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+def fixed_rule(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor | None) -> Tensor:
     """``lr`` for every row."""
     return call.lr * torch.ones_like(squared_norm)
 
 
-def polyak_cap(call: Call, scale: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+def polyak_cap(call: Call, scale: Tensor, squared_norm: Tensor, size: Tensor | None) -> Tensor:
     """Bound the Polyak step's move, ``scale · ‖∇L‖ <= polyak_cap · size`` (``size``: the
     untailored adapted parameters' norm): where the gradient vanishes but the loss does not (a
     saturated ``g``, a cosine distance at ±1), ``L / ‖∇L‖²`` is unbounded; this is optax's
     ``scale_by_polyak(max_learning_rate=...)`` stated relative to the parameters, so it keeps
     the rule's scale-freedom in ``g`` and the loss. Where it binds, the step no longer depends
     on ``lr`` (its outer gradient is zero there), as for any active bound."""
-    if call.step_rule != "polyak" or call.polyak_cap is None:
+    if not call.caps_polyak:
         return scale
+    assert size is not None and call.polyak_cap is not None
     moving = squared_norm > 0
     safe = torch.where(moving, squared_norm, torch.ones_like(squared_norm))
     limit = call.polyak_cap * size * torch.rsqrt(safe)
     return torch.minimum(scale, limit)
 
 
-def clip(call: Call, scale: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+def clip(call: Call, scale: Tensor, squared_norm: Tensor, size: Tensor | None) -> Tensor:
     """``max_inner_grad_norm``: scale each row's gradient to at most that norm."""
     if call.max_grad_norm is None:
         return scale
     return scale * clip_scale(squared_norm, call.max_grad_norm)
 
 
-#: The step rules: ``(call, loss, squared_norm, size) -> (rows,)`` step lengths.
+#: The step rules: ``(call, loss, squared_norm, size) -> (rows,)`` step lengths (``size``: the
+#: adapted parameters' norm, where the Polyak cap applies, else None).
 RULES = {"fixed": fixed_rule, "polyak": polyak_rule}
 STEP_RULES: tuple[str, ...] = tuple(RULES)
 #: What the loop applies to a rule's step, in order: ``(call, scale, squared_norm, size) ->
@@ -141,7 +144,7 @@ STEP_RULES: tuple[str, ...] = tuple(RULES)
 TRANSFORMS = (polyak_cap, clip)
 
 
-def step_size(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor) -> Tensor:
+def step_size(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor | None) -> Tensor:
     """Each row's step length along its gradient, ``(rows,)``: the rule, then each of
     :data:`TRANSFORMS` (the Polyak cap, clipping)."""
     scale = RULES[call.step_rule](call, loss, squared_norm, size)
@@ -248,7 +251,8 @@ def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
         decided = _decided(gradient.loss, per_row)
         flags = torch.isfinite(decided) & gradient.finite
         ok = flags if ok is None else ok & flags
-        scale = step_size(call, decided, gradient.squared_norm, stepper.size(gradient.point))
+        size = stepper.size(gradient.point) if call.caps_polyak else None
+        scale = step_size(call, decided, gradient.squared_norm, size)
         if call.step_control == "backtrack":
             scale = scale * backtrack(
                 call, stepper, gradient.point, gradient.direction, scale, decided
