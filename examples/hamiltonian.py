@@ -237,12 +237,17 @@ def tune(net: NoetherWrapper, val: tuple[Tensor, Tensor], data: Data) -> TuneRes
 
 def projected(field: nn.Module, g: nn.Module, starts: Tensor, data: Data) -> Tensor:
     """The expert's baseline: after every RK4 step, three Newton steps back onto g(x) = g(x0)."""
-    step = Rollout(field, 1, dt=data.dt, method="rk4")
+    return project(Rollout(field, 1, dt=data.dt, method="rk4"), g, starts, data.points - 1)
+
+
+def project(step: Rollout, g: Callable[[Tensor], Tensor], starts: Tensor, horizon: int) -> Tensor:
+    """``(n, 2) -> (n, horizon, 2)``: ``step``'s one-step rollouts, each followed by three Newton
+    steps back onto the level set ``g(x) = g(x0)`` of the start."""
     x = starts
     with torch.no_grad():
         level = g(x)
     states = []
-    for _ in range(data.points - 1):
+    for _ in range(horizon):
         with torch.no_grad():
             x = step(x)[:, 0]
         for _ in range(3):

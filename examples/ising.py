@@ -226,18 +226,6 @@ def train_one_step(
         opt.step()
 
 
-def clip_groups(net: nn.Module) -> list[list[nn.Parameter]]:
-    """The parameter groups a row optimises, each clipped to norm 1 on its own: the predictor's
-    weights (the one group control has, so a joint meta row's predictor takes steps clipped
-    exactly as control's are, however large g's gradient is) and the tailoring parameters (g,
-    and the step when learned)."""
-    if not isinstance(net, NoetherWrapper):
-        return [[p for p in net.parameters() if p.requires_grad]]
-    model = [p for p in net.model.parameters() if p.requires_grad]
-    tailoring = list(net.tailoring_parameters())
-    return [group for group in (model, tailoring) if group]
-
-
 def train_rollout(
     net: nn.Module,
     groups: list[list[nn.Parameter]],
@@ -426,10 +414,18 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
     score("vanilla", vanilla)
     protocol.record_validation(out, "vanilla", validation_scores(vanilla, data))
     base = Rollout(copy.deepcopy(step), horizon=10)  # what every meta row starts from
-    train_rollout(base, clip_groups(base), data, cfg.rollout, cfg.batch, seed, f"seed {seed} base")
+    train_rollout(
+        base, protocol.clip_groups(base), data, cfg.rollout, cfg.batch, seed, f"seed {seed} base"
+    )
     control = copy.deepcopy(base)  # + the meta rows' steps on their batches: compute-matched
     train_rollout(
-        control, clip_groups(control), data, cfg.meta, cfg.batch, seed + 1, f"seed {seed} control"
+        control,
+        protocol.clip_groups(control),
+        data,
+        cfg.meta,
+        cfg.batch,
+        seed + 1,
+        f"seed {seed} control",
     )
     score("control", control)
     score("projection", Projected(control))
@@ -473,7 +469,13 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
         # the predictor clipped on its own, as control's is (g on its own): the two rows take
         # comparable predictor steps on the same batches
         out.setdefault("seconds", {})[row] = train_rollout(
-            net, clip_groups(net), data, cfg.meta, cfg.batch, seed + 1, f"seed {seed} {row}"
+            net,
+            protocol.clip_groups(net),
+            data,
+            cfg.meta,
+            cfg.batch,
+            seed + 1,
+            f"seed {seed} {row}",
         )
         protocol.record_tuning(out, row, tune(net, data))
         score(row, net)

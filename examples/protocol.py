@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from noether_wrap import NoetherWrapper
 from noether_wrap.tuning import clearly_better
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -365,6 +366,18 @@ def select_row(
     if per_sequence[best].size < 2:
         return "vanilla"
     return best if clearly_better(per_sequence[best], per_sequence["vanilla"]) else "vanilla"
+
+
+def clip_groups(net: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """The parameter groups a row optimises, each clipped to norm 1 on its own: the predictor's
+    weights (the one group control has, so a joint meta row's predictor takes steps clipped
+    exactly as control's are, however large g's gradient is) and the tailoring parameters (g,
+    and the step when learned)."""
+    if not isinstance(net, NoetherWrapper):
+        return [[p for p in net.parameters() if p.requires_grad]]
+    model = [p for p in net.model.parameters() if p.requires_grad]
+    tailoring = list(net.tailoring_parameters())
+    return [group for group in (model, tailoring) if group]
 
 
 def new_run() -> dict[str, Any]:

@@ -434,22 +434,10 @@ def meta_train(built: Built, stage: Stage, cfg: Settings, lr: float, desc: str) 
 
 
 def projected(f: nn.Module, starts: Tensor, horizon: int, method: str = "rk4") -> Tensor:
-    """The expert's baseline (examples/hamiltonian.py's ``projected``): after every step of
-    the integrator, three Newton steps back onto the level set of the reference energy."""
+    """The expert's baseline (examples/hamiltonian.py's ``project``): after every step of the
+    integrator, three Newton steps back onto the level set of the reference energy."""
     step = Rollout(f, 1, dt=DT, method=method)  # type: ignore[arg-type]
-    x = starts
-    level = energy(x)
-    states = []
-    for _ in range(horizon):
-        with torch.no_grad():
-            x = step(x)[:, 0]
-        for _ in range(3):
-            x = x.detach().requires_grad_()
-            value = energy(x)
-            (grad,) = torch.autograd.grad(value.sum(), x)
-            x = x - ((value - level) / grad.pow(2).sum(-1).clamp_min(1e-8)).unsqueeze(-1) * grad
-        states.append(x.detach())
-    return torch.stack(states, dim=1)
+    return hamiltonian.project(step, energy, starts, horizon)
 
 
 def diagnostics(built: Built, stage: Stage, seed: int, cfg: Settings) -> dict[str, Any]:

@@ -249,17 +249,6 @@ class Settings:
 skipped: dict[str, int] = {}
 
 
-def clip_groups(net: nn.Module) -> list[list[nn.Parameter]]:
-    """The parameter groups a row optimises, each clipped to norm 1 on its own: the predictor's
-    weights (control's only group: a joint meta row's predictor steps are clipped as control's
-    are, however large g's gradient) and the tailoring parameters (g and the step)."""
-    if not isinstance(net, NoetherWrapper):
-        return [[p for p in net.parameters() if p.requires_grad]]
-    model = [p for p in net.model.parameters() if p.requires_grad]
-    tailoring = list(net.tailoring_parameters())
-    return [group for group in (model, tailoring) if group]
-
-
 def train(
     net: nn.Module,
     groups: list[list[nn.Parameter]],
@@ -356,12 +345,19 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
 
     step = FramePredictor()
     train(
-        step, clip_groups(step), train_clips, cfg.teacher, cfg, seed, f"seed {seed} teacher", True
+        step,
+        protocol.clip_groups(step),
+        train_clips,
+        cfg.teacher,
+        cfg,
+        seed,
+        f"seed {seed} teacher",
+        True,
     )
     vanilla = Rollout(step, HORIZON, context=2)
     train(
         vanilla,
-        clip_groups(vanilla),
+        protocol.clip_groups(vanilla),
         train_clips,
         cfg.rollout,
         cfg,
@@ -371,7 +367,13 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
     score("vanilla", vanilla)
     control = copy.deepcopy(vanilla)
     train(
-        control, clip_groups(control), train_clips, cfg.meta, cfg, seed + 2, f"seed {seed} control"
+        control,
+        protocol.clip_groups(control),
+        train_clips,
+        cfg.meta,
+        cfg,
+        seed + 2,
+        f"seed {seed} control",
     )
     score("control", control)
     score("expert_physics", SpringExpert())
@@ -407,7 +409,9 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
     row = "meta_learned"
     net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["start"]["testtime_learned"], True)
     # the predictor clipped on its own as control's is, g on its own: comparable predictor steps
-    out["seconds"] = train(net, clip_groups(net), train_clips, cfg.meta, cfg, seed + 2, row)
+    out["seconds"] = train(
+        net, protocol.clip_groups(net), train_clips, cfg.meta, cfg, seed + 2, row
+    )
     protocol.record_tuning(out, row, tune(net, valid))
     score(row, net)
     score(f"{row}_untailored", net.model)

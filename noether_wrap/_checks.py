@@ -42,9 +42,9 @@ def check_int(name: str, value: object, *, minimum: int = 1, allow_none: bool = 
     if allow_none and value is None:
         return value  # type: ignore[return-value]
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        kind = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         none = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be a {kind} int{none}, got {value!r}.")
+        raise ValueError(f"`{name}` must be {kind}{none}, got {value!r}.")
     return value
 
 

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from noether_wrap._checks import check_choice, check_int
+
 LossForm = Literal["anchor", "chain"]
 Distance = Literal["mse", "cosine"]
 Reduction = Literal["none", "mean", "sum"]
@@ -17,13 +19,6 @@ DISTANCES: tuple[str, ...] = ("mse", "cosine")
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
 
 _COSINE_EPS = 1e-8
-
-
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise a ValueError naming ``name``."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"`{name}` must be one of {set(allowed)}, got {value!r}.")
-    return value
 
 
 def stack_windows(frames: Tensor, window: int) -> Tensor:
@@ -181,8 +176,7 @@ def noether_loss(
     check_choice("loss_form", loss_form, LOSS_FORMS)
     check_choice("distance", distance, DISTANCES)
     check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"`window` must be a positive int, got {window!r}.")
+    check_int("window", window)
     if not isinstance(predictions, Tensor) or not isinstance(x0, Tensor):
         raise TypeError("`x0` and `predictions` must be Tensors.")
     if predictions.dim() < 2:

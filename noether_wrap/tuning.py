@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from noether_wrap._checks import check_int
+from noether_wrap._inner import STEP_RULES as _STEP_RULES
 from noether_wrap._warn import warn
 
 if TYPE_CHECKING:
@@ -47,8 +49,8 @@ DEFAULT_POLYAK_CANDIDATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
 DEFAULT_GUARDS: tuple[float | None, ...] = (None, 0.1, 0.3, 1.0)
 #: A guard so wide it never binds: the wrapper then reports every sequence's move.
 _PROBE_GUARD = 1e300
-#: The step rules a search may try.
-STEP_RULES: tuple[str, ...] = ("fixed", "polyak")
+#: The step rules a search may try (the inner loop's).
+STEP_RULES = _STEP_RULES
 _DEFAULTS: dict[str, tuple[float, ...]] = {
     "fixed": DEFAULT_CANDIDATES,
     "polyak": DEFAULT_POLYAK_CANDIDATES,
@@ -340,8 +342,7 @@ def tune(
     """
     ks = list(inner_steps)
     for k in ks:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"`inner_steps` must be non-negative ints, got {list(inner_steps)!r}.")
+        check_int("inner_steps", k, minimum=0)
     ks = sorted({k for k in ks if k > 0})
     rules = list(dict.fromkeys(step_rules))
     if not rules:
@@ -410,10 +411,7 @@ class _Search:
                 f"`inputs` and `target` need at least 2 sequences for a standard error, got "
                 f"{inputs.shape[0]}."
             )
-        if chunk is not None and (
-            not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1
-        ):
-            raise ValueError(f"`chunk` must be a positive int or None, got {chunk!r}.")
+        check_int("chunk", chunk, allow_none=True)
         if loss is not None and not callable(loss):
             raise TypeError(f"`loss` must be callable or None, got {type(loss).__name__}.")
         if forward is not None and not callable(forward):

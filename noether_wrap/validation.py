@@ -27,6 +27,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from noether_wrap._checks import check_int
+
 __all__ = ["estimate_starts", "kfold", "spearman", "window_targets"]
 
 
@@ -55,10 +57,9 @@ def kfold(n: int, folds: int = 5, *, seed: int = 0) -> list[tuple[Tensor, Tensor
         >>> sorted(int(i) for _, val in splits for i in val) == list(range(10))
         True
     """
-    _check_int("folds", folds, minimum=2)
-    _check_int("n", n, minimum=folds)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"`seed` must be an int, got {seed!r}.")
+    check_int("folds", folds, minimum=2)
+    check_int("n", n, minimum=folds)
+    check_int("seed", seed, minimum=-(2**63))
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
     out = []
@@ -142,8 +143,8 @@ def estimate_starts(
             "`observations` must be (n, T, *state) with a state of at least one dim, got shape "
             f"{tuple(observations.shape)}."
         )
-    _check_int("frames", frames, minimum=1)
-    _check_int("steps", steps, minimum=1)
+    check_int("frames", frames, minimum=1)
+    check_int("steps", steps, minimum=1)
     if not isinstance(method, str) or method not in ("lbfgs", "adam"):
         raise ValueError(f"`method` must be 'lbfgs' or 'adam', got {method!r}.")
     if lr is None:
@@ -255,14 +256,14 @@ def window_targets(
             "`trajectories` must be a Tensor (n, T, *state) with a state of at least one dim."
         )
     steps_in = trajectories.shape[1]
-    _check_int("length", length, minimum=1)
+    check_int("length", length, minimum=1)
     if length > steps_in - 1:
         raise ValueError(
             f"`length` must be at most T − 1 = {steps_in - 1} for trajectories of shape "
             f"{tuple(trajectories.shape)}, got {length}."
         )
     stride = length if stride is None else stride
-    _check_int("stride", stride, minimum=1)
+    check_int("stride", stride, minimum=1)
     windows = trajectories.unfold(1, length + 1, stride)  # (n, W, *state, length + 1)
     windows = rearrange(windows, "n w ... l -> (n w) l ...")
     return windows[:, 0].contiguous(), windows[:, 1:].contiguous()
@@ -322,8 +323,3 @@ def _as_sample(name: str, value: Tensor | Sequence[float]) -> Tensor:
     if not bool(torch.isfinite(out).all()):
         raise ValueError(f"`{name}` has non-finite values.")
     return out.detach().cpu()
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
