@@ -72,6 +72,7 @@ from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized  
 from noether_wrap.tuning import (  # noqa: E402
     DEFAULT_GUARDS,
     DEFAULT_POLYAK_CANDIDATES,
+    choose,
     clearly_better,
 )
 
@@ -505,24 +506,16 @@ def validate(stage: Stage, seed: int, cfg: Settings, rows: dict[str, Tailoring])
                 scores[c, guard] = window_mse(pred, truth)
             if not scores[c, None].mean() < GIVE_UP * val["vanilla"].mean():
                 break  # larger steps only diverge further
-        finite = {k: e for k, e in scores.items() if np.isfinite(e).all()}
-        # the library's rule (noether_wrap.tune): the best among the settings that help more
-        # windows than they hurt, kept only if clearly better than off
-        majority = {
-            k: e for k, e in finite.items()
-            if (e < val["vanilla"]).sum() > (e > val["vanilla"]).sum()
-        }  # fmt: skip
-        pool = majority or finite
-        # ties (guards that bind on no window) go to the tightest guard, as in tune
-        best = (
-            min(pool, key=lambda k: (pool[k].mean(), math.inf if k[1] is None else k[1]))
-            if pool
-            else None
+        # the library's rule (noether_wrap.tune's): ties, guards that bind on no window, go to
+        # the tightest guard
+        chosen = choose(
+            {k: torch.as_tensor(e) for k, e in scores.items()},
+            torch.as_tensor(val["vanilla"]),
+            tiebreak=lambda k: math.inf if k[1] is None else k[1],
         )
-        chosen = best if best is not None and beats(val["vanilla"], finite[best]) else None
         lrs[name] = None if chosen is None else chosen[0]
         guards[name] = None if chosen is None else chosen[1]
-        val[name] = val["vanilla"] if chosen is None else finite[chosen]
+        val[name] = val["vanilla"] if chosen is None else scores[chosen]
         grids[name] = {"off": float(val["vanilla"].mean())} | {
             f"{c}" + ("" if guard is None else f" guard {guard}"): float(e.mean())
             for (c, guard), e in scores.items()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +33,7 @@ __all__ = [
     "TuneGridResult",
     "TuneResult",
     "TuningWarning",
+    "choose",
     "clearly_better",
     "per_sequence_mse",
     "tune",
@@ -572,19 +573,13 @@ def _finish(
             "`max_inner_grad_norm` or the 'polyak' rule may help.",
             TuningWarning,
         )
-    finite = [c for c in configs if not scored[c][2]]
     signs = {c: _signs(search.per_sequence[c], off) for c in configs}
-    # a majority rule first: a configuration that helps fewer sequences than it hurts is carried
-    # by a few, and a few sequences do not decide (they are where heavy tails live)
-    majority = [c for c in finite if signs[c][0] > signs[c][1]]
-    pool = majority or finite
-    # exact ties are guards that bound on no validation sequence: take the tightest, which
-    # costs nothing on validation and keeps the plain prediction where a later sequence moves
-    # further than any validation sequence did
-    best = min(pool, key=lambda c: (scored[c][0], _guard_order(c.guard))) if pool else None
+    candidates = {c: search.per_sequence[c] for c in configs}
+    best = _best(candidates, off, lambda c: _guard_order(c.guard))
     rows = {c: scored[c][:2] for c in configs}
     if best is not None:
         mean, se, _ = scored[best]
+        majority = signs[best][0] > signs[best][1]
         if clearly_better(search.per_sequence[best], off):
             _apply(net, best)
             if hasattr(net, "step_horizon"):
@@ -610,7 +605,7 @@ def _finish(
             f"{mean:.4g} vs {untailored:.4g} untailored, difference {mean - untailored:+.3g} "
             f"± {se:.3g} (paired standard error over {n} sequences)"
         )
-        if best not in majority and mean < untailored:
+        if not majority and mean < untailored:
             better, worse = signs[best]
             why = (
                 f"no configuration helps more sequences than it hurts; the best by mean, "
@@ -624,6 +619,64 @@ def _finish(
         TailoringDoesNotHelp,
     )
     return None
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def _best(
+    candidates: Mapping[K, Tensor], off: Tensor, tiebreak: Callable[[K], Any] | None = None
+) -> K | None:
+    """The candidate :func:`choose` compares with ``off``: the lowest mean among those with
+    finite losses that help more sequences than they hurt (all finite ones if none does), exact
+    ties broken by ``tiebreak`` (lower first); None if no candidate is finite."""
+    finite = [k for k, v in candidates.items() if bool(torch.isfinite(v).all())]
+    # a majority first: a candidate that helps fewer sequences than it hurts is carried by a
+    # few, and a few sequences do not decide (they are where heavy tails live)
+    majority = [k for k in finite if _signs(candidates[k], off)[0] > _signs(candidates[k], off)[1]]
+    pool = majority or finite
+    if not pool:
+        return None
+    order = (lambda k: 0) if tiebreak is None else tiebreak
+    return min(pool, key=lambda k: (float(candidates[k].mean()), order(k)))
+
+
+def choose(
+    candidates: Mapping[K, Tensor | Sequence[float]],
+    off: Tensor | Sequence[float],
+    *,
+    tiebreak: Callable[[K], Any] | None = None,
+) -> K | None:
+    """The selection rule of :func:`tune`, for scores computed any way (e.g. by
+    :func:`noether_wrap.validation.cross_validate`): among the candidates whose per-sequence
+    losses are finite and help more sequences than they hurt, the lowest mean (exact ties by
+    ``tiebreak``, lower first), kept only if it is :func:`clearly_better` than ``off``.
+
+    Args:
+        candidates: ``{key: (n,) per-sequence losses}``, paired with ``off`` (the same
+            sequences in the same order).
+        off: ``(n,)``, the losses without tailoring (or of the baseline).
+        tiebreak: ``key -> sortable``; :func:`tune` passes the guard, tightest first.
+
+    Returns:
+        The winning key, or None for "off".
+
+    Example:
+        >>> choose({"a": [1.0, 1.1, 0.9, 1.0], "b": [0.0, 3.0, 3.0, 3.0]}, [2.0, 2.0, 2.0, 2.0])
+        'a'
+        >>> choose({"b": [0.0, 3.0, 3.0, 3.0]}, [2.0, 2.0, 2.0, 2.0]) is None
+        True
+    """
+    base = torch.as_tensor(off, dtype=torch.float64).flatten()
+    scores = {k: torch.as_tensor(v, dtype=torch.float64).flatten() for k, v in candidates.items()}
+    for k, v in scores.items():
+        if v.shape != base.shape:
+            raise ValueError(
+                f"`candidates`[{k!r}] has {v.numel()} losses, `off` {base.numel()}: they must "
+                "be paired per sequence."
+            )
+    best = _best(scores, base, tiebreak)
+    return best if best is not None and clearly_better(scores[best], base) else None
 
 
 def _guard_order(guard: float | None) -> float:

@@ -13,15 +13,16 @@ the score and ranked configurations at random. The helpers here remove that:
 - :func:`window_targets` cuts trajectories into many short windows, so there are many validation
   units (and a small standard error) and each rollout is short;
 - :func:`kfold` splits trajectories (not windows: windows of one trajectory are correlated)
-  into folds;
+  into folds, and :func:`cross_validate` scores every configuration on every training
+  trajectory with models refitted without it (pair it with :func:`noether_wrap.tuning.choose`);
 - :func:`spearman` reports how well a validation ranking agrees with a test ranking.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 from einops import rearrange
@@ -29,7 +30,10 @@ from torch import Tensor, nn
 
 from noether_wrap._checks import check_int
 
-__all__ = ["estimate_starts", "kfold", "spearman", "window_targets"]
+__all__ = ["cross_validate", "estimate_starts", "kfold", "spearman", "window_targets"]
+
+K = TypeVar("K", bound=Hashable)
+F = TypeVar("F")
 
 
 def kfold(n: int, folds: int = 5, *, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
@@ -67,6 +71,64 @@ def kfold(n: int, folds: int = 5, *, seed: int = 0) -> list[tuple[Tensor, Tensor
         mask = torch.ones(n, dtype=torch.bool)
         mask[part] = False
         out.append((torch.arange(n)[mask], part.sort().values))
+    return out
+
+
+def cross_validate(
+    fit: Callable[[Tensor], F],
+    score: Callable[[F, Tensor], Mapping[K, Tensor]],
+    n: int,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[K, Tensor]:
+    """Whole-sequence k-fold cross-validation: every sequence scored once, by models fitted
+    without it.
+
+    For each fold of :func:`kfold`, ``fit(train_indices)`` fits whatever the scores need (the
+    model, every ``g``, a normalisation: nothing that scores a sequence may be fitted on it),
+    and ``score(fitted, val_indices)`` returns ``{configuration: (len(val_indices),) losses}``
+    for the held-out sequences. The result pairs every configuration's losses over all ``n``
+    sequences, in index order, ready for :func:`noether_wrap.tuning.choose` (with "off" as one
+    of the configurations or as the baseline).
+
+    Args:
+        fit: ``(train_indices,) -> fitted``.
+        score: ``(fitted, val_indices) -> {key: (len(val_indices),)}``, the same keys every fold.
+        n: how many sequences (indices ``0 .. n - 1``).
+        folds, seed: as for :func:`kfold`.
+
+    Returns:
+        ``{key: (n,)}`` per-sequence losses, float64.
+
+    Example:
+        >>> import torch
+        >>> from noether_wrap.validation import cross_validate
+        >>> data = torch.arange(10.0)
+        >>> scores = cross_validate(lambda tr: data[tr].mean(),
+        ...                         lambda mean, va: {"mean": (data[va] - mean) ** 2}, 10)
+        >>> scores["mean"].shape
+        torch.Size([10])
+    """
+    out: dict[K, Tensor] = {}
+    keys: list[K] | None = None
+    for train, val in kfold(n, folds, seed=seed):
+        scored = score(fit(train), val)
+        if keys is None:
+            keys = list(scored)
+        elif set(scored) != set(keys):
+            raise ValueError(
+                f"`score` must return the same keys for every fold; got {sorted(map(repr, scored))}"
+                f" after {sorted(map(repr, keys))}."
+            )
+        for key, losses in scored.items():
+            values = torch.as_tensor(losses).detach().double().cpu().flatten()
+            if values.shape != val.shape:
+                raise ValueError(
+                    f"`score` must return one loss per held-out sequence for {key!r}: "
+                    f"{val.numel()} expected, got shape {tuple(values.shape)}."
+                )
+            out.setdefault(key, torch.full((n,), math.nan, dtype=torch.float64))[val] = values
     return out
 
 

@@ -132,3 +132,43 @@ def test_spearman_matches_scipy_with_ties() -> None:
         spearman([1.0, 2.0], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="non-finite"):
         spearman([1.0, math.nan], [1.0, 2.0])
+
+
+def test_cross_validate_scores_every_sequence_with_models_fitted_without_it() -> None:
+    from noether_wrap.validation import cross_validate
+
+    data = torch.randn(12, dtype=torch.float64)
+    seen: list[set[int]] = []
+
+    def fit(train: torch.Tensor) -> torch.Tensor:
+        seen.append({int(i) for i in train})
+        return data[train].mean()
+
+    def score(mean: torch.Tensor, val: torch.Tensor) -> dict[str, torch.Tensor]:
+        assert not {int(i) for i in val} & seen[-1]  # nothing held out was fitted on
+        return {"mean": (data[val] - mean) ** 2, "zero": data[val] ** 2}
+
+    scores = cross_validate(fit, score, 12, folds=4)
+    assert len(seen) == 4 and set(scores) == {"mean", "zero"}
+    for i in range(12):  # the leave-fold-out mean, written plainly
+        fold = next(s for s in seen if i not in s)
+        expected = (data[i] - data[sorted(fold)].mean()) ** 2
+        assert float(scores["mean"][i]) == pytest.approx(float(expected))
+    torch.testing.assert_close(scores["zero"], data**2)
+    with pytest.raises(ValueError, match="one loss per held-out sequence"):
+        cross_validate(fit, lambda m, v: {"bad": torch.zeros(1)}, 12, folds=4)
+
+
+def test_choose_applies_tunes_rule_to_any_scores() -> None:
+    from noether_wrap.tuning import choose
+
+    off = torch.full((8,), 2.0)
+    broad = off - 0.5 + 0.01 * torch.randn(8)  # helps every sequence
+    carried = torch.cat([torch.zeros(1), torch.full((7,), 2.1)])  # one sequence carries the mean
+    assert choose({"broad": broad, "carried": carried}, off) == "broad"
+    assert choose({"carried": carried}, off) is None
+    assert choose({"worse": off + 1}, off) is None
+    tied = {("s", None): broad, ("s", 0.1): broad.clone(), ("s", 0.3): broad.clone()}
+    assert choose(tied, off, tiebreak=lambda k: 9.0 if k[1] is None else k[1]) == ("s", 0.1)
+    with pytest.raises(ValueError, match="paired"):
+        choose({"short": off[:3]}, off)
