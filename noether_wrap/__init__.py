@@ -12,6 +12,7 @@ from noether_wrap.tuning import (
     TuneResult,
     TuningWarning,
     tune,
+    tune_cv,
     tune_inner_lr,
 )
 from noether_wrap.wrapper import NoetherWrapper, TailorOutput
@@ -35,6 +36,7 @@ __all__ = [
     "fit_conserved",
     "noether_loss",
     "tune",
+    "tune_cv",
     "tune_inner_lr",
     "validation",
 ]

@@ -515,13 +515,19 @@ BLOWN_UP = 10.0
 def _warn_if_blown_up(result: InnerResult) -> None:
     """Warn when a returned prediction lies more than ``BLOWN_UP`` times outside the untailored
     prediction's range (per sequence, over the whole batch): a finite blow-up on any path,
-    whatever the Noether loss says."""
+    whatever the Noether loss says. A sequence's range is floored at the batch's mean range, so
+    a sequence whose plain prediction is nearly constant (one state of a vector field) is not
+    flagged for an ordinary move."""
     prediction, initial = result.prediction.detach(), result.initial.detach()
     if prediction.shape != initial.shape or not prediction.is_floating_point():
         return
     flat, base = prediction.flatten(1), initial.flatten(1)
     high, low = base.amax(1, keepdim=True), base.amin(1, keepdim=True)
-    centre, half = (high + low) / 2, ((high - low) / 2).clamp(min=torch.finfo(base.dtype).tiny)
+    half = (high - low) / 2
+    centre, half = (
+        (high + low) / 2,
+        half.clamp(min=max(float(half.mean()), torch.finfo(base.dtype).tiny)),
+    )
     reach = ((flat - centre).abs().amax(1, keepdim=True) / half).squeeze(1)
     blown = reach > BLOWN_UP
     if not bool(blown.any()):

@@ -37,6 +37,7 @@ __all__ = [
     "clearly_better",
     "per_sequence_mse",
     "tune",
+    "tune_cv",
     "tune_inner_lr",
 ]
 
@@ -152,6 +153,9 @@ class TuneGridResult(NamedTuple):
         guard: the winning prediction guard τ (None: no guard, or "off").
         signs: ``{TuneConfig: (better, worse)}``, how many sequences each configuration made
             better and worse than "off" (a configuration must help more than it hurts to win).
+        per_sequence: ``{TuneConfig: (sequences,)}`` every sequence's loss, with the key
+            ``None`` for "off": what a caller needs to compare the outcome with other models
+            on the same sequences (:func:`choose`, :func:`clearly_better`).
     """
 
     best: float | None
@@ -163,6 +167,7 @@ class TuneGridResult(NamedTuple):
     sequences: int
     guard: float | None = None
     signs: dict[TuneConfig, tuple[int, int]] = {}
+    per_sequence: dict[TuneConfig | None, Tensor] = {}
 
     @property
     def config(self) -> TuneConfig | None:
@@ -176,6 +181,10 @@ class TuneGridResult(NamedTuple):
         rows = {c: (m, self.stderr[c]) for c, m in self.losses.items()}
         signs = self.signs if set(self.signs) >= set(rows) else None
         return _table(self.untailored, rows, self.config, self.sequences, signs)
+
+    def chosen_scores(self) -> Tensor:
+        """``(sequences,)``: every sequence's loss under the outcome (the winner, or "off")."""
+        return self.per_sequence[self.config]
 
 
 def per_sequence_mse(prediction: Tensor, target: Tensor) -> Tensor:
@@ -378,7 +387,168 @@ def tune(
         off.shape[0],
         None if winner is None else winner.guard,
         {c: _signs(search.per_sequence[c], off) for c in configs},
+        {None: off, **{c: search.per_sequence[c] for c in configs}},
     )
+
+
+def tune_cv(
+    build: Callable[[Tensor], NoetherWrapper],
+    inputs: Tensor,
+    target: Tensor,
+    *,
+    folds: int | Sequence[tuple[Tensor, Tensor]] = 5,
+    seed: int = 0,
+    inner_steps: Sequence[int] = (1,),
+    step_rules: Sequence[str] = ("fixed",),
+    candidates: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+    guards: Sequence[float | None] = DEFAULT_GUARDS,
+    loss: Loss | None = None,
+    forward: Forward | None = None,
+    chunk: int | None = None,
+    final: Tensor | None = None,
+) -> tuple[NoetherWrapper, TuneGridResult]:
+    """:func:`tune` by k-fold cross-validation over whole sequences, with refits per fold.
+
+    A single validation split scores a handful of sequences, and holding them out of the fit
+    makes them unlike the rest (the pendulum's five highest-energy trajectories lay above every
+    trajectory the model was fitted on). Here every sequence is scored once, by a wrapper
+    ``build`` fitted without it (the model, ``g``, any normalisation: whatever ``build`` fits);
+    the scores of all folds are pooled per sequence and one configuration is chosen for all of
+    them by :func:`tune`'s rule (:func:`choose`: help more sequences than it hurts, beat "off"
+    by more than the paired standard error). Finally ``build`` is called on every sequence and
+    the winner set on that wrapper, the one to use.
+
+    Args:
+        build: ``(train_indices,) -> NoetherWrapper`` fitted on ``inputs[train_indices]``
+            (int64 indices into dim 0); called once per fold and once on all sequences.
+        inputs, target: ``(n, ...)`` every training sequence, as for :func:`tune`; ``n >=
+            folds``. Split whole sequences (trajectories), not windows of one.
+        folds: how many folds (:func:`noether_wrap.validation.kfold` with ``seed``), or the
+            splits themselves, ``[(train_indices, val_indices), ...]`` (e.g. one split in
+            time for a recording); the validation parts must not overlap.
+        seed: the folds' permutation seed.
+        inner_steps, step_rules, candidates, guards, loss, forward, chunk: as for :func:`tune`.
+        final: the sequences the returned wrapper is fitted on (default: all ``n``).
+
+    Returns:
+        ``(net, result)``: the wrapper fitted on ``final`` with the winner set (or
+        ``inner_steps = 0``), and a :class:`TuneGridResult` over the validated sequences
+        (``per_sequence`` in index order: all ``n`` with the default folds).
+
+    Example:
+        >>> import torch, warnings
+        >>> from noether_wrap import NoetherWrapper, Rollout, tune_cv
+        >>> x, y = torch.randn(10, 2), torch.zeros(10, 5, 2)
+        >>> def build(train):
+        ...     torch.manual_seed(0)  # a real build fits the model (and g) on x[train]
+        ...     return NoetherWrapper(Rollout(torch.nn.Linear(2, 2), 5), lambda s: s.pow(2).sum(-1))
+        >>> with warnings.catch_warnings(record=True):
+        ...     net, result = tune_cv(build, x, y, folds=5, candidates=[0.01, 0.1])
+        >>> result.sequences, net.inner_steps == result.inner_steps
+        (10, True)
+    """
+    from noether_wrap.validation import kfold
+
+    if not callable(build):
+        raise TypeError(f"`build` must be callable, got {type(build).__name__}.")
+    if not isinstance(inputs, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("`inputs` and `target` must be Tensors.")
+    if inputs.dim() == 0 or target.dim() == 0 or inputs.shape[0] != target.shape[0]:
+        raise ValueError(
+            "`inputs` and `target` must have the same number of sequences (dim 0), got shapes "
+            f"{tuple(inputs.shape)} and {tuple(target.shape)}."
+        )
+    n = inputs.shape[0]
+    splits = kfold(n, folds, seed=seed) if isinstance(folds, int) else _check_splits(folds, n)
+    pooled = _Pooled(n)
+    for train, val in splits:
+        net = _built(build, train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TuningWarning)
+            fold = tune(
+                net, inputs[val], target[val], inner_steps=inner_steps, step_rules=step_rules,
+                candidates=candidates, guards=guards, loss=loss, forward=forward, chunk=chunk,
+            )  # fmt: skip
+        pooled.add(val, fold.per_sequence, getattr(net, "step_horizon", None))
+    net = _built(build, torch.arange(n) if final is None else final)
+    pooled.drop_unscored()
+    configs = [c for c in pooled.per_sequence if c is not None]
+    off = pooled.per_sequence[None]
+    scored = {c: pooled.summary(c, off) for c in configs}
+    original_rule = _current_rule(net)
+    winner = _finish(net, pooled, off, scored, configs)
+    return net, TuneGridResult(
+        None if winner is None else winner.step,
+        0 if winner is None else winner.inner_steps,
+        original_rule if winner is None else winner.step_rule,
+        {c: s[0] for c, s in scored.items()},
+        {c: s[1] for c, s in scored.items()},
+        float(off.mean()),
+        off.shape[0],
+        None if winner is None else winner.guard,
+        {c: _signs(pooled.per_sequence[c], off) for c in configs},
+        dict(pooled.per_sequence),
+    )
+
+
+class _Pooled:
+    """Per-sequence losses of every configuration, pooled over cross-validation folds."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.per_sequence: dict[TuneConfig | None, Tensor] = {}
+        self.horizon: int | None = None
+
+    def add(self, val: Tensor, scores: Mapping[TuneConfig | None, Tensor], horizon: Any) -> None:
+        if self.per_sequence and set(scores) != set(self.per_sequence):
+            raise ValueError("every fold must score the same configurations.")
+        for config, losses in scores.items():
+            full = self.per_sequence.setdefault(
+                config, torch.full((self.n,), math.nan, dtype=torch.float64)
+            )
+            full[val] = losses.double()
+        self.horizon = horizon if isinstance(horizon, int) else self.horizon
+
+    def drop_unscored(self) -> None:
+        """Keep the sequences some fold validated (all of them for k-fold splits)."""
+        scored = torch.isfinite(self.per_sequence[None])
+        self.per_sequence = {c: v[scored] for c, v in self.per_sequence.items()}
+
+    def summary(self, config: TuneConfig, off: Tensor) -> tuple[float, float, int]:
+        losses = self.per_sequence[config]
+        bad = int((~torch.isfinite(losses)).sum())
+        if bad:
+            return float(losses.mean()), math.nan, bad
+        return float(losses.mean()), _paired_se(losses - off), 0
+
+
+def _check_splits(splits: Sequence[tuple[Tensor, Tensor]], n: int) -> list[tuple[Tensor, Tensor]]:
+    out, seen = [], torch.zeros(n, dtype=torch.bool)
+    for i, split in enumerate(splits):
+        if not isinstance(split, (tuple, list)) or len(split) != 2:
+            raise ValueError(f"`folds`[{i}] must be a pair (train_indices, val_indices).")
+        train, val = (torch.as_tensor(part, dtype=torch.long).flatten() for part in split)
+        if val.numel() < 2 or bool(((val < 0) | (val >= n)).any()) or bool(seen[val].any()):
+            raise ValueError(
+                f"`folds`[{i}]: the validation indices must be >= 2 distinct indices in [0, {n}) "
+                "that no other fold validates."
+            )
+        if bool(torch.isin(val, train).any()):
+            raise ValueError(f"`folds`[{i}]: a sequence is both fitted on and validated.")
+        seen[val] = True
+        out.append((train, val))
+    if not out:
+        raise ValueError("`folds` must hold at least one split.")
+    return out
+
+
+def _built(build: Callable[[Tensor], NoetherWrapper], train: Tensor) -> NoetherWrapper:
+    from noether_wrap.wrapper import NoetherWrapper
+
+    net = build(train)
+    if not isinstance(net, NoetherWrapper):
+        raise TypeError(f"`build` must return a NoetherWrapper, got {type(net).__name__}.")
+    return net
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -557,7 +727,7 @@ class _Search:
 
 def _finish(
     net: NoetherWrapper,
-    search: _Search,
+    search: _Search | _Pooled,
     off: Tensor,
     scored: dict[TuneConfig, tuple[float, float, int]],
     configs: list[TuneConfig],

@@ -18,9 +18,11 @@ from noether_wrap import (
     TuneConfig,
     TuningWarning,
     tune,
+    tune_cv,
     tune_inner_lr,
 )
 from noether_wrap.embeddings import MLPEmbedding
+from noether_wrap.tuning import choose
 
 
 class _Shift(nn.Module):
@@ -320,3 +322,87 @@ def test_tune_inner_lr_uses_the_wrappers_rule_and_its_default_grid() -> None:
         result = tune_inner_lr(net, x, x.unsqueeze(1))
     assert list(result.losses) == [0.125, 0.25, 0.5, 1.0, 2.0]
     assert result.step_rule == "polyak" and result.best == 2.0  # Gauss–Newton: exact here
+
+
+# --- tune_cv: cross-validation over whole sequences, refits per fold ------------------------------
+
+
+def _fitted_shift_builder(
+    x: torch.Tensor, target: torch.Tensor, calls: list[torch.Tensor], bias: float = 0.0
+):
+    """A build that "fits" the shift on the training sequences (``b`` = their mean offset) and
+    records which sequences it saw."""
+
+    def build(train: torch.Tensor) -> NoetherWrapper:
+        calls.append(train.clone())
+        net = _shift_net(0.1)
+        with torch.no_grad():
+            net.model.step.b.fill_(float((target[train, 0] - x[train]).mean()) + bias)
+        return net
+
+    return build
+
+
+def test_tune_cv_scores_every_sequence_by_a_wrapper_fitted_without_it() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(12, 1, dtype=torch.float64)
+    # the fit is biased (b near 1 where the truth has none), so conserving x pays on every fold
+    target = x.unsqueeze(1) + 0.5 + 0.05 * torch.randn(12, 1, 1, dtype=torch.float64)
+    calls: list[torch.Tensor] = []
+    build = _fitted_shift_builder(x, target, calls, bias=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TuningWarning)
+        net, result = tune_cv(build, x, target, folds=4, candidates=[0.03, 0.25], guards=[None])
+    assert len(calls) == 5 and calls[-1].tolist() == list(range(12))  # 4 folds, then all
+    held_out = []
+    for train in calls[:-1]:
+        val = sorted(set(range(12)) - set(train.tolist()))
+        held_out += val
+        # the pooled scores of these sequences are those of the wrapper fitted on `train`
+        fold_net = build(train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TuningWarning)
+            fold = tune(fold_net, x[val], target[val], candidates=[0.03, 0.25], guards=[None])
+        for config, losses in fold.per_sequence.items():
+            torch.testing.assert_close(result.per_sequence[config][val], losses)
+    assert sorted(held_out) == list(range(12))  # every sequence scored exactly once
+    off = result.per_sequence[None]
+    expected = choose({c: v for c, v in result.per_sequence.items() if c is not None}, off)
+    assert result.config == expected
+    assert expected is not None  # the clear win of this data
+    assert net.inner_steps == expected.inner_steps and math.isclose(net.inner_lr, expected.step)
+    torch.testing.assert_close(result.chosen_scores(), result.per_sequence[expected])
+
+
+def test_tune_cv_says_off_and_refuses_bad_builds() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(10, 1, dtype=torch.float64)
+    target = _noisy_target(x, mean_in_se=0.0) * 0 + x.unsqueeze(1) + 1  # the model is exact
+    calls: list[torch.Tensor] = []
+    with pytest.warns(TailoringDoesNotHelp):
+        net, result = tune_cv(_fitted_shift_builder(x, target, calls), x, target, folds=2,
+                              candidates=[0.1], guards=[None])  # fmt: skip
+    assert result.best is None and net.inner_steps == 0
+    with pytest.raises(TypeError, match="`build` must return a NoetherWrapper"):
+        tune_cv(lambda train: nn.Linear(1, 1), x, target, folds=2)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match="same number of sequences"):
+        tune_cv(_fitted_shift_builder(x, target, calls), x, target[:5], folds=2)
+
+
+def test_tune_cv_takes_explicit_splits_and_a_final_fit() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(10, 1, dtype=torch.float64)
+    target = x.unsqueeze(1) + 0.5 + 0.05 * torch.randn(10, 1, 1, dtype=torch.float64)
+    calls: list[torch.Tensor] = []
+    split = (torch.arange(6), torch.arange(6, 10))  # one split "in time": fit early, score late
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TuningWarning)
+        net, result = tune_cv(
+            _fitted_shift_builder(x, target, calls, bias=0.5), x, target, folds=[split],
+            candidates=[0.25], guards=[None], final=torch.arange(6),
+        )  # fmt: skip
+    assert result.sequences == 4 and result.per_sequence[None].shape == (4,)
+    assert [c.tolist() for c in calls] == [list(range(6)), list(range(6))]
+    with pytest.raises(ValueError, match="both fitted on and validated"):
+        tune_cv(_fitted_shift_builder(x, target, calls), x, target,
+                folds=[(torch.arange(6), torch.arange(4, 10))])  # fmt: skip
