@@ -3,24 +3,28 @@ networks, on the evaluation protocol of ``protocol.py``: everything the pendulum
 share. A :class:`System` holds the physics; ``main(system, doc)`` runs an example.
 
 Tailoring is PER STATE: for a state x the inner loss compares g(x) with g(one RK4 step of the
-field from x); one SGD step on the field's weights gives the tailored field f~(x), which the RK4
-rollout evaluates wherever it needs the field. Every step size is chosen by ``tune_inner_lr`` on
-a validation split of the TRAINING trajectories (the 5 with the highest observed start energy,
-cut into 35 windows of 10 steps whose starts are denoised through vanilla, scored against the
-noisy states), per row and seed, and the
-``selected`` row is the row with the lowest validation error, vanilla included (the untailored
-field scored on the same trajectories), so tailoring is recommended only where it beats the plain
-model on validation. Test-time rows come in both step rules: ``testtime_*`` (a fixed step) and
-``polyak_*`` (the scale-free Polyak fraction). Nothing validation scores
-is fitted on the validation trajectories: the vanilla field, the formula, the learned g, the
-oracle's normalisation, the control's extra steps and every meta-training run use only the other
-20 (``--vanilla-data all`` trains vanilla on all 25 as the paper does, and says in the JSON that
-its validation scores are then in-sample for vanilla and every row built on it); the test
-trajectories only score. Rows: vanilla, control (vanilla trained as many more steps as the meta
-rows, no tailoring), testtime_{oracle,formula,learned}, meta_{oracle,formula,learned}
-(+ _untailored), meta_learned_frozen (g and the step meta-trained, field frozen),
-projection_{oracle,formula} (the expert's baseline: project each RK4 step onto the level set
-g(x) = g(x0)).
+field from x); one step on the field's weights gives the tailored field f~(x), which the RK4
+rollout evaluates wherever it needs the field.
+
+**The paper's split** (default): vanilla, the formula, the learned g and the oracle's
+normalisation are fitted on all 25 training trajectories; the 25 test trajectories only score.
+Every choice (each row's step size or Polyak fraction, or "off"; the ``selected`` row) is made
+by 5-fold cross-validation over the 25 training trajectories with everything refitted per fold
+(:func:`noether_wrap.tune_cv`): each training trajectory is scored once, as a whole 44-step
+rollout from its start, by models fitted without it, exactly like the test. The start is the
+clean one where the data have it (these synthetic systems do; the test rolls out from clean
+starts too); the targets are the noisy observations. ``--split extrapolation`` is the earlier
+variant: the 5 highest-energy training trajectories validate, everything is fitted on the
+other 20, so validation and the test's upper range are extrapolation.
+
+Rows: vanilla; testtime_{oracle,formula,learned} (a fixed step) and polyak_* (the scale-free
+Polyak fraction γ, up to the full Gauss–Newton step γ = 2); projection_{oracle,formula} (the
+expert's baseline: project each RK4 step onto the level set g(x) = g(x0)); control and, with
+``--meta``, the meta-training trial (:func:`meta_trial`): meta_{oracle,learned} (joint: the field
+and the step, and the learned g), meta_learned_frozen (g and the step; the field frozen), each
+trained on rollouts with the step a Parameter, the epoch chosen on validation, against a control
+given the same seconds. Beside each tailoring row the JSON keeps its test-set best over the grid
+(``bound``): a bound chosen on the test, never a result.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import copy
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,19 +48,19 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
-from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr  # noqa: E402
+from noether_wrap import NoetherWrapper, Rollout, TuneGridResult, fit_conserved, tune, tune_cv  # noqa: E402
 from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized  # noqa: E402
-from noether_wrap.validation import estimate_starts, window_targets  # noqa: E402
+from noether_wrap.tuning import DEFAULT_POLYAK_CANDIDATES, TuningWarning  # noqa: E402
+from noether_wrap.validation import kfold, window_targets  # noqa: E402
 
 EMBEDDINGS = ("oracle", "formula", "learned")
+#: The fixed-step grid and the Polyak fractions (γ = 2 is the full Gauss–Newton step).
 CANDIDATES = (0.01, 0.0316, 0.1, 0.316, 1.0)
+POLYAK = DEFAULT_POLYAK_CANDIDATES
 T_END, NOISE = 3.0, 0.1
-VALIDATION = 5
-#: Validation units: windows of this many steps, one every ``VAL_STRIDE`` observations, along the
-#: validation trajectories (45 points and 5 trajectories give 35 windows), each from a start
-#: denoised through vanilla (:func:`noether_wrap.validation.estimate_starts`): the test rolls out
-#: from clean starts, and a noisy start's error swamps what the rows change.
-VAL_WINDOW, VAL_STRIDE = 10, 5
+EXTRAPOLATION_VALIDATION = 5
+#: The meta-training trial's outer loss: rollouts of this many steps from window starts.
+META_WINDOW, META_BATCH, META_CHECKPOINTS = 10, 32, 10
 
 
 @dataclass(frozen=True)
@@ -94,20 +99,18 @@ class Data:
     def points(self) -> int:
         return self.clean.shape[1]
 
-    @property
-    def validation(self) -> Tensor:
-        """The 5 training trajectories with the highest observed start energy: every step size
-        and the selected row are chosen on their rollouts (the gain is expected above the
-        training range, which these come closest to)."""
+    def splits(self, variant: str, folds: int = 5) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """``(splits, final)`` over the 25 training trajectories (positions in ``train``):
+        ``"paper"``, ``folds`` folds by trajectory (seeded) and the final fit on all 25;
+        ``"extrapolation"``, the 5 with the highest observed start energy validate and
+        everything is fitted on the other 20."""
+        n = self.train.numel()
+        if variant == "paper":
+            return kfold(n, folds, seed=0), torch.arange(n)
         h = self.system.energy(self.noisy[self.train, 0])
-        return self.train[torch.argsort(h, descending=True)[:VALIDATION]]
-
-    @property
-    def fit(self) -> Tensor:
-        """The other 20 training trajectories: what everything validation scores is fitted on
-        (the field, the formula, the learned g, the oracle's normalisation)."""
-        keep = ~torch.isin(self.train, self.validation)
-        return self.train[keep]
+        val = torch.argsort(h, descending=True)[:EXTRAPOLATION_VALIDATION].sort().values
+        fit = torch.tensor([i for i in range(n) if i not in set(val.tolist())])
+        return [(fit, val)], fit
 
 
 def make_data(system: System, data_seed: int, sampler: str = "hnn", trajectories: int = 50) -> Data:
@@ -206,33 +209,15 @@ def rollout(field: nn.Module, starts: Tensor, data: Data, steps: int | None = No
         return Rollout(field, horizon, dt=data.dt, method="rk4")(starts)
 
 
-def validation_set(vanilla: nn.Module, data: Data) -> tuple[Tensor, Tensor]:
-    """``(starts, targets)``, ``(N, 2)`` and ``(N, VAL_WINDOW, 2)``: windows of the validation
-    trajectories (training data), each start fitted through vanilla's rollout to the window's
-    first 3 noisy observations; the targets are the noisy observations."""
-    starts, targets = window_targets(data.noisy[data.validation], VAL_WINDOW, VAL_STRIDE)
-    observed = torch.cat([starts.unsqueeze(1), targets[:, :2]], dim=1)
-    model = Rollout(vanilla, 2, dt=data.dt, method="rk4")
-    return estimate_starts(model, observed, frames=3), targets
+def validation_data(data: Data) -> tuple[Tensor, Tensor]:
+    """``(starts, targets)``, ``(25, 2)`` and ``(25, points - 1, 2)``: every training trajectory
+    as one validation unit, like the test: its clean start (these synthetic data have it; the
+    test rolls out from clean starts) and its noisy observations after it."""
+    return data.clean[data.train, 0], data.noisy[data.train, 1:]
 
 
 def per_sequence_mse(pred: Tensor, truth: Tensor) -> np.ndarray:
     return ((pred - truth) ** 2).mean(dim=(1, 2)).double().numpy()
-
-
-def tune(net: NoetherWrapper, val: tuple[Tensor, Tensor], data: Data) -> TuneResult:
-    """``tune_inner_lr`` on the validation windows (:func:`validation_set`, training data),
-    "off" always a candidate; the grid is the rule's (fixed steps, or Polyak fractions).
-    Recorded by :func:`protocol.record_tuning`."""
-    starts, targets = val
-    net.inner_steps = 1
-    return tune_inner_lr(
-        net,
-        starts,
-        targets,
-        candidates=CANDIDATES if net.step_rule == "fixed" else None,
-        forward=lambda n, x: rollout(n, x, data, VAL_WINDOW),
-    )
 
 
 def projected(field: nn.Module, g: nn.Module, starts: Tensor, data: Data) -> Tensor:
@@ -262,153 +247,342 @@ def project(step: Rollout, g: Callable[[Tensor], Tensor], starts: Tensor, horizo
 @dataclass
 class Settings:
     vanilla_steps: int
-    meta_steps: int
     g_steps: int
+    #: The meta-training trial's steps per row (0: no trial; the control then gets this many).
+    meta_steps: int
     meta: bool
     test_steps: list[int]
     #: A fixed step for the k-curves instead of the tuned one (to show the safeguard at a step
     #: the rule would not choose); None: the step tuned for k = 1.
     curve_step: float | None = None
-    #: What vanilla is trained on: "fit" (the 20 non-validation training trajectories, so that
-    #: validation is out of sample for every row) or "all" (the 25, the paper's protocol).
-    vanilla_data: str = "fit"
+    #: "paper" (k-fold CV over the 25 training trajectories) or "extrapolation".
+    split: str = "paper"
+    folds: int = 5
+    #: The fixed steps and the Polyak fractions searched.
+    grids: tuple[tuple[float, ...], tuple[float, ...]] = (CANDIDATES, POLYAK)
 
 
-def embeddings_for(data: Data, cfg: Settings) -> tuple[dict[str, nn.Module], FeatureLibrary, float]:
-    """The three g's, standardised on the noisy training trajectories; the raw library (for its
-    formula) and the learned g's |r| before fitting.
+class Fits:
+    """Everything fitted on a set of training trajectories, fitted once per set: the vanilla
+    field per model seed, the three g's (and the library, for its formula). Keys are the
+    positions in ``data.train``."""
 
-    Every g (the formula's weights, the network, the oracle's normalisation) is fitted on the 20
-    non-validation training trajectories only: validation scores the rows these g's tailor, so
-    fitting on the validation trajectories would make that score in-sample."""
+    def __init__(self, data: Data, cfg: Settings) -> None:
+        self.data, self.cfg = data, cfg
+        self._fields: dict[tuple[int, tuple[int, ...]], nn.Module] = {}
+        self._gs: dict[tuple[int, ...], tuple[dict[str, nn.Module], FeatureLibrary]] = {}
+        self.seconds: list[float] = []
+
+    def vanilla(self, seed: int, idx: Tensor) -> nn.Module:
+        """HNN's MLP (model seed ``seed``) fitted on the training trajectories ``idx``."""
+        key = (seed, tuple(idx.tolist()))
+        if key not in self._fields:
+            rows = self.data.train[idx]
+            x = self.data.noisy[rows].reshape(-1, 2)
+            target = self.data.system.field(self.data.clean[rows].reshape(-1, 2))
+            field = make_field(seed)
+            self.seconds.append(
+                fit(field.parameters(), lambda: field(x), target, self.cfg.vanilla_steps,
+                    f"seed {seed} vanilla ({len(key[1])} trajectories)")
+            )  # fmt: skip
+            self._fields[key] = field
+        return self._fields[key]
+
+    def gs(self, idx: Tensor) -> dict[str, nn.Module]:
+        """The three g's fitted on the training trajectories ``idx`` (standardised there)."""
+        return self._g_and_library(idx)[0]
+
+    def library(self, idx: Tensor) -> FeatureLibrary:
+        return self._g_and_library(idx)[1]
+
+    def _g_and_library(self, idx: Tensor) -> tuple[dict[str, nn.Module], FeatureLibrary]:
+        key = tuple(idx.tolist())
+        if key not in self._gs:
+            self._gs[key] = embeddings_for(self.data, self.data.train[idx], self.cfg)
+        return self._gs[key]
+
+
+def embeddings_for(
+    data: Data, rows: Tensor, cfg: Settings
+) -> tuple[dict[str, nn.Module], FeatureLibrary]:
+    """The three g's, each fitted on the noisy trajectories ``rows`` only (the formula's
+    weights, the network, the oracle's normalisation), and the raw library (for its formula)."""
     system = data.system
     library = FeatureLibrary(list(system.terms), variables=["q", "p"])
-    train = data.noisy[data.fit]
+    train = data.noisy[rows]
     formula = fit_conserved(library, train, progress=False).embedding
+    torch.manual_seed(0)
+    mlp = MLPEmbedding(2, hidden=64)
+    learned = fit_conserved(mlp, train, steps=cfg.g_steps, lr=1e-3, progress=False).embedding
+    oracle = Standardized.fit(_Energy(system), train)
+    return {"oracle": oracle, "formula": formula, "learned": learned}, library
+
+
+def initial_r(data: Data) -> float:
+    """|r(g, H)| on test states of the learned g's network before fitting (seed 0)."""
     torch.manual_seed(0)
     mlp = MLPEmbedding(2, hidden=64)
     states = data.clean[data.test].reshape(-1, 2)
     with torch.no_grad():
-        r_init = protocol.pearson(mlp(states)[:, 0], system.energy(states))
-    learned = fit_conserved(mlp, train, steps=cfg.g_steps, lr=1e-3, progress=False).embedding
-    oracle = Standardized.fit(_Energy(system), train)
-    return {"oracle": oracle, "formula": formula, "learned": learned}, library, r_init
+        return protocol.pearson(mlp(states)[:, 0], data.system.energy(states))
 
 
-def run_seed(seed: int, data: Data, gs: dict[str, nn.Module], cfg: Settings) -> dict[str, Any]:
-    """Every row for one model seed: per-sequence test MSEs, chosen steps, validation errors."""
-    # vanilla on the 20 fit trajectories (or, --vanilla-data all, the paper's 25); everything
-    # trained on top of it (control, meta rows) on the 20 fit trajectories only, so that the
-    # validation trajectories score each row out of sample
-    vanilla_idx = data.fit if cfg.vanilla_data == "fit" else data.train
-    x = data.noisy[vanilla_idx].reshape(-1, 2)
-    target = data.system.field(data.clean[vanilla_idx].reshape(-1, 2))
-    x_fit = data.noisy[data.fit].reshape(-1, 2)
-    target_fit = data.system.field(data.clean[data.fit].reshape(-1, 2))
+def record(out: dict[str, Any], row: str, result: TuneGridResult) -> None:
+    """A cross-validated tuning of ``row``: its step (0.0 where "off"), its validation error
+    and per-sequence scores under the outcome, and the best candidate by mean even where "off"
+    won (what the meta-training trial starts from)."""
+    configs = [c for c in result.losses]
+    out["lr"][row] = 0.0 if result.best is None else float(result.best)
+    scores = result.chosen_scores()
+    out["val"][row] = float(scores.mean())
+    out["val_seq"][row] = scores.tolist()
+    out["start"][row] = float(min(configs, key=lambda c: result.losses[c]).step)
+    if "vanilla" not in out["val"]:
+        protocol.record_validation(out, "vanilla", result.per_sequence[None].tolist())
+
+
+def run_seed(seed: int, data: Data, fits: Fits, cfg: Settings) -> dict[str, Any]:
+    """Every row for one model seed: per-sequence test MSEs, chosen steps, validation errors
+    (cross-validated), the test-set bound of each tailoring row, and the meta-training trial."""
+    splits, final = data.splits(cfg.split, cfg.folds)
+    starts_val, targets_val = validation_data(data)
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
     out = protocol.new_run()
+    out["bound"] = {}
 
     def score(row: str, pred: Tensor) -> None:
         out["pred"][row] = pred
         out["err"][row] = per_sequence_mse(pred, truth)
 
-    vanilla = make_field(seed)
-    out["seconds"]["vanilla"] = fit(
-        vanilla.parameters(), lambda: vanilla(x), target, cfg.vanilla_steps, f"seed {seed} vanilla"
-    )
+    def forward(net: nn.Module, x: Tensor) -> Tensor:
+        return rollout(net, x, data)
+
+    vanilla = fits.vanilla(seed, final)
     score("vanilla", rollout(vanilla, starts, data))
-    val = validation_set(vanilla, data)
-    control = copy.deepcopy(vanilla)
-    fit(
-        control.parameters(),
-        lambda: control(x_fit),
-        target_fit,
-        cfg.meta_steps,
-        f"seed {seed} control",
-    )
-    score("control", rollout(control, starts, data))
     for name in ("oracle", "formula"):
-        score(f"projection_{name}", projected(vanilla, gs[name], starts, data))
+        row = f"projection_{name}"
+        score(row, projected(vanilla, fits.gs(final)[name], starts, data))
+        val = np.full(starts_val.shape[0], np.nan)
+        for train, held in splits:
+            pred = projected(
+                fits.vanilla(seed, train), fits.gs(train)[name], starts_val[held], data
+            )
+            val[held.numpy()] = per_sequence_mse(pred, targets_val[held])
+        protocol.record_validation(out, row, val[np.isfinite(val)].tolist())
 
     for name in EMBEDDINGS:
-        net = tailored_field(vanilla, gs[name], data.dt, 0.1)
-        row = f"testtime_{name}"
-        protocol.record_tuning(out, row, tune(net, val, data), untailored="vanilla")
-        score(row, rollout(net, starts, data))
-        polyak = tailored_field(vanilla, gs[name], data.dt, 1.0)
-        polyak.step_rule = "polyak"  # scale-free: γ, the fraction of the loss a step removes
-        prow = f"polyak_{name}"
-        protocol.record_tuning(out, prow, tune(polyak, val, data), untailored="vanilla")
-        score(prow, rollout(polyak, starts, data))
-        if cfg.test_steps and name == "oracle":
-            for control in ("none", "backtrack"):
-                # the best candidate for k = 1 (even where tuning switched tailoring off)
-                step = out["start"][row] if cfg.curve_step is None else cfg.curve_step
-                curve_net = tailored_field(vanilla, gs[name], data.dt, step)
-                curve_net.step_control = control
-                out.setdefault("curve", {})[f"oracle_{control}"] = test_time_curve(
-                    curve_net, data, cfg.test_steps, val
-                )
+        fixed, polyak = cfg.grids
+        for rule, prefix, grid in (("fixed", "testtime", fixed), ("polyak", "polyak", polyak)):
+            row = f"{prefix}_{name}"
 
-    if not cfg.meta:
-        return out
-    for name in EMBEDDINGS:  # joint meta-training, as the paper; the step fixed at test time's
-        row = f"meta_{name}"
-        g = copy.deepcopy(gs[name])
-        if name != "learned":
-            g.requires_grad_(False)
-        net = tailored_field(copy.deepcopy(vanilla), g, data.dt, out["start"][f"testtime_{name}"])
-        out["seconds"][row] = fit(
-            net.parameters(),
-            lambda net=net: net(x_fit),
-            target_fit,
-            cfg.meta_steps,
-            f"seed {seed} {row}",
+            def build(idx: Tensor, name: str = name, rule: str = rule) -> NoetherWrapper:
+                net = tailored_field(fits.vanilla(seed, idx), fits.gs(idx)[name], data.dt, 0.1)
+                net.step_rule = rule
+                return net
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TuningWarning)
+                warnings.simplefilter("ignore", RuntimeWarning)  # a large candidate blowing up
+                net, result = tune_cv(
+                    build, starts_val, targets_val, folds=splits, final=final,
+                    step_rules=(rule,), candidates=grid, guards=(None,), forward=forward,
+                )  # fmt: skip
+            record(out, row, result)
+            score(row, rollout(net, starts, data))
+            out["bound"][row] = test_bound(build(final), starts, truth, rule, grid, forward)
+            if cfg.test_steps and name == "oracle" and rule == "fixed":
+                for control in ("none", "backtrack"):
+                    # the best candidate for k = 1 (even where tuning switched tailoring off)
+                    step = out["start"][row] if cfg.curve_step is None else cfg.curve_step
+                    out.setdefault("curve", {})[f"oracle_{control}"] = test_time_curve(
+                        build, step, control, data, cfg.test_steps, splits, final
+                    )
+    if cfg.meta:
+        meta_trial(seed, data, fits, splits, out, cfg)
+    else:
+        control, _ = train_on_rollouts(
+            fits.vanilla(seed, splits[0][0]), data, splits[0], steps=cfg.meta_steps, seed=seed
         )
-        protocol.record_tuning(out, row, tune(net, val, data))
-        score(row, rollout(net, starts, data))
-        score(f"{row}_untailored", rollout(net.model.step, starts, data))
-        if name == "learned":
-            out["g"][row] = net.embedding
-    row = "meta_learned_frozen"  # g and the step only; the field stays vanilla
-    net = tailored_field(
-        vanilla, copy.deepcopy(gs["learned"]), data.dt, out["start"]["testtime_learned"], learn=True
-    )
-    out["seconds"][row] = fit(
-        list(net.tailoring_parameters()),
-        lambda: net(x_fit),
-        target_fit,
-        cfg.meta_steps,
-        f"seed {seed} {row}",
-    )
-    protocol.record_tuning(out, row, tune(net, val, data))
-    score(row, rollout(net, starts, data))
-    out["g"][row] = net.embedding
+        out["trial"] = {}
+        score("control", rollout(control, starts, data))
     return out
 
 
+def test_bound(
+    net: NoetherWrapper, starts: Tensor, truth: Tensor, rule: str, grid: Any, forward: Any
+) -> np.ndarray:
+    """The per-sequence test errors of the grid's best configuration ON THE TEST SET ("off"
+    included): a bound on what any rule choosing from this grid can reach, never a result."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = tune(net, starts, truth, step_rules=(rule,), candidates=grid, guards=(None,),
+                      forward=forward)  # fmt: skip
+    best = min(result.per_sequence, key=lambda c: float(result.per_sequence[c].mean()))
+    return result.per_sequence[best].numpy()
+
+
+def train_on_rollouts(
+    model: nn.Module,
+    data: Data,
+    split: tuple[Tensor, Tensor],
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+    learn: str = "all",
+    desc: str = "control",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The meta-training trial's training: Adam on rollouts of ``META_WINDOW`` steps from the
+    clean window starts of the fit trajectories against their noisy observations (the test's
+    kind of prediction), ``META_BATCH`` windows a step, the predictor's group at lr 1e-3 and the
+    tailoring's (g, the step as log η at lr 1e-2), each clipped to norm 1 on its own; run for
+    ``steps`` or for ``seconds``. Scored every tenth of the run on the validation trajectories
+    (whole rollouts, as the CV scores every row); returns a copy of the model at the best
+    checkpoint (step 0 included) and the curve.
+
+    ``learn``: "all" (every parameter of a plain model, or the wrapper's field, g and step),
+    or "tailoring" (g and the step only, the field frozen)."""
+    fit_idx, val_idx = split
+    rows = data.train[fit_idx]
+    w_starts, _ = window_targets(data.clean[rows], META_WINDOW, META_WINDOW)
+    _, w_targets = window_targets(data.noisy[rows], META_WINDOW, META_WINDOW)
+    starts_val, targets_val = validation_data(data)
+    v_starts, v_targets = starts_val[val_idx], targets_val[val_idx]
+    model = copy.deepcopy(model)
+    groups: list[dict[str, Any]] = []
+    if isinstance(model, NoetherWrapper):
+        field = [p for p in model.model.parameters()]
+        g = [p for p in model.embedding.parameters()]
+        if learn == "all":  # "tailoring": the field is adapted per state but never trained
+            groups.append({"params": field, "lr": 1e-3})
+        if g and any(p.requires_grad for p in g):
+            groups.append({"params": g, "lr": 1e-3})
+        groups.append({"params": [model.log_inner_lr], "lr": 1e-2})
+    else:
+        groups.append({"params": list(model.parameters()), "lr": 1e-3})
+    opt = torch.optim.Adam(groups)
+    gen = torch.Generator().manual_seed(seed)
+    horizon = Rollout(model, META_WINDOW, dt=data.dt, method="rk4")
+
+    def validate() -> float:
+        return float(per_sequence_mse(rollout(model, v_starts, data), v_targets).mean())
+
+    curve = [(0, validate())]
+    best_state, best = copy.deepcopy(model.state_dict()), curve[0][1]
+    every = max(1, (steps or 100) // META_CHECKPOINTS)
+    t0, step, spent = time.perf_counter(), 0, 0.0
+    bar = tqdm(desc=desc, total=steps, leave=False)
+    while (steps is not None and step < steps) or (seconds is not None and spent < seconds):
+        pick = torch.randperm(w_starts.shape[0], generator=gen)[:META_BATCH]
+        loss = nn.functional.mse_loss(horizon(w_starts[pick]), w_targets[pick])
+        opt.zero_grad()
+        loss.backward()
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
+        opt.step()
+        step += 1
+        bar.update()
+        spent = time.perf_counter() - t0
+        if seconds is not None and steps is None:
+            every = max(1, int(seconds / max(spent / step, 1e-9)) // META_CHECKPOINTS)
+        if step % every == 0:
+            curve.append((step, validate()))
+            if curve[-1][1] < best:
+                best_state, best = copy.deepcopy(model.state_dict()), curve[-1][1]
+            spent = time.perf_counter() - t0
+    bar.close()
+    model.load_state_dict(best_state)
+    chosen = min(curve, key=lambda c: c[1])[0]
+    info = {
+        "steps": step,
+        "seconds": time.perf_counter() - t0,
+        "chosen_step": chosen,
+        "curve": curve,
+        "flattened": chosen < step,  # the best checkpoint is not the last one
+        "validation": [
+            float(v) for v in per_sequence_mse(rollout(model, v_starts, data), v_targets)
+        ],
+    }
+    if isinstance(model, NoetherWrapper):
+        info["learned_step"] = float(model.inner_lr)
+    return model, info
+
+
+def meta_trial(
+    seed: int, data: Data, fits: Fits, splits: list[tuple[Tensor, Tensor]], out: dict[str, Any],
+    cfg: Settings,
+) -> None:  # fmt: skip
+    """The paper's method, given a fair trial: on the first fold (fitted on its 20 training
+    trajectories, validated on its 5), each meta row starts from that fold's vanilla and g and
+    the step its test-time row scored best (even where tuning said "off"), learns the step as a
+    Parameter on rollouts (:func:`train_on_rollouts`), and keeps the checkpoint with the best
+    validation error; the control trains the plain field the same way for the same seconds
+    (the mean of the meta rows'). Nothing is re-tuned afterwards."""
+    split = splits[0]
+    base, gs = fits.vanilla(seed, split[0]), fits.gs(split[0])
+    starts = data.clean[data.test, 0]
+    truth = data.clean[data.test, 1:]
+    trial: dict[str, Any] = {}
+    specs = (("meta_oracle", "oracle", "all"), ("meta_learned", "learned", "all"),
+             ("meta_learned_frozen", "learned", "tailoring"))  # fmt: skip
+    for row, name, learn in specs:
+        g = copy.deepcopy(gs[name])
+        g.requires_grad_(name == "learned")
+        net = tailored_field(base, g, data.dt, out["start"][f"testtime_{name}"], learn=True)
+        trained, info = train_on_rollouts(
+            net,
+            data,
+            split,
+            steps=cfg.meta_steps,
+            seed=seed,
+            learn=learn,
+            desc=f"seed {seed} {row}",
+        )
+        trial[row] = info
+        pred = rollout(trained, starts, data)
+        out["pred"][row], out["err"][row] = pred, per_sequence_mse(pred, truth)
+        if learn == "all":
+            plain = rollout(trained.model.step, starts, data)
+            out["pred"][f"{row}_untailored"] = plain
+            out["err"][f"{row}_untailored"] = per_sequence_mse(plain, truth)
+        if name == "learned":
+            out["g"][row] = trained.embedding
+    budget = statistics.fmean(trial[r]["seconds"] for r, _, _ in specs)
+    control, info = train_on_rollouts(base, data, split, seconds=budget, seed=seed,
+                                      desc=f"seed {seed} control")  # fmt: skip
+    trial["control"] = info
+    pred = rollout(control, starts, data)
+    out["pred"]["control"], out["err"]["control"] = pred, per_sequence_mse(pred, truth)
+    out["trial"] = trial
+
+
 def test_time_curve(
-    net: NoetherWrapper, data: Data, ks: list[int], val: tuple[Tensor, Tensor]
-) -> dict[str, Any]:
-    """Error against k at test time, the step fixed at the one tuned for k = 1 (plain or
-    backtracking steps, as ``net.step_control`` says): test errors, validation error, seconds."""
-    lr = net.inner_lr
+    build: Callable[[Tensor], NoetherWrapper], step: float, control: str, data: Data,
+    ks: list[int], splits: list[tuple[Tensor, Tensor]], final: Tensor,
+) -> dict[str, Any]:  # fmt: skip
+    """Error against k at test time, the step fixed at ``step`` (plain or backtracking steps,
+    ``control``): test errors, the cross-validated validation error, seconds."""
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
-    val_starts, val_targets = val
+    starts_val, targets_val = validation_data(data)
+
+    def configured(idx: Tensor, k: int) -> NoetherWrapper:
+        net = build(idx)
+        net.inner_lr, net.inner_steps, net.step_control = step, k, control
+        return net
+
     curve: dict[str, Any] = {}
     for k in ks:
-        net.inner_steps = k
+        net = configured(final, k)
         t0 = time.perf_counter()
         pred = rollout(net, starts, data)
         seconds = time.perf_counter() - t0
-        val_pred = rollout(net, val_starts, data, VAL_WINDOW)
+        val = [per_sequence_mse(rollout(configured(tr, k), starts_val[va], data), targets_val[va])
+               for tr, va in splits]  # fmt: skip
         curve[str(k)] = {
             "err": per_sequence_mse(pred, truth),
-            "val": float(((val_pred - val_targets) ** 2).mean()),
+            "val": float(np.concatenate(val).mean()),
             "seconds": seconds,
         }
-    net.inner_steps = 1
-    assert net.inner_lr == lr
     return curve
 
 
@@ -444,7 +618,12 @@ def main(system: System, doc: str) -> None:
     parser.add_argument("--seed", type=int, default=0, help="first model seed")
     parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
     parser.add_argument("--sampler", choices=["hnn", "wide"], default="hnn")
-    parser.add_argument("--no-meta", action="store_true", help="test-time rows only")
+    parser.add_argument(
+        "--meta",
+        action="store_true",
+        help="the meta-training trial (the paper's method, against a control given the same "
+        "seconds); slow: about 3 min per model seed",
+    )
     parser.add_argument("--test-steps", default="", help="e.g. 1,2,4,8: the k-curve at test time")
     parser.add_argument(
         "--curve-step",
@@ -453,11 +632,12 @@ def main(system: System, doc: str) -> None:
         help="a fixed step for the --test-steps curves (default: the step tuned for k = 1)",
     )
     parser.add_argument(
-        "--vanilla-data",
-        choices=["fit", "all"],
-        default="fit",
-        help="vanilla's training trajectories: the 20 non-validation ones (default: validation "
-        "out of sample) or all 25 (the paper's; validation in-sample for vanilla)",
+        "--split",
+        choices=["paper", "extrapolation"],
+        default="paper",
+        help="paper (default): everything fitted on all 25 training trajectories, every choice "
+        "by 5-fold cross-validation over them; extrapolation: the 5 highest-energy training "
+        "trajectories validate, everything is fitted on the other 20",
     )
     protocol.add_threads_argument(parser)
     parser.add_argument("--json", type=Path, default=None)
@@ -470,12 +650,15 @@ def main(system: System, doc: str) -> None:
     data_seeds = list(range(args.data_seed, args.data_seed + args.data_seeds))
     cfg = Settings(
         vanilla_steps=100 if args.quick else 2000,
-        meta_steps=5 if args.quick else 100,
         g_steps=100 if args.quick else 2000,
-        meta=not args.no_meta,
+        meta_steps=4 if args.quick else 300,
+        meta=args.meta,
         test_steps=[int(k) for k in args.test_steps.split(",") if k],
         curve_step=args.curve_step,
-        vanilla_data=args.vanilla_data,
+        split=args.split,
+        # --quick: a smoke run (every tailored rollout costs the same per-call overhead)
+        folds=2 if args.quick else 5,
+        grids=((0.1, 1.0), (1.0, 2.0)) if args.quick else (CANDIDATES, POLYAK),
     )
     runs: list[dict[str, Any]] = []
     formulas: list[dict[str, float]] = []
@@ -484,7 +667,9 @@ def main(system: System, doc: str) -> None:
     for data_seed in data_seeds:
         data = make_data(system, data_seed, args.sampler)
         last_data = data
-        gs, library, r_init = embeddings_for(data, cfg)
+        fits = Fits(data, cfg)
+        _, final = data.splits(cfg.split, cfg.folds)
+        gs, library, r_init = fits.gs(final), fits.library(final), initial_r(data)
         formulas.append(library.coefficients(scale_to="p^2"))
         print(f"data seed {data_seed}: fit_conserved -> g = {library.formula(scale_to='p^2')}")
         for name in EMBEDDINGS:
@@ -493,9 +678,10 @@ def main(system: System, doc: str) -> None:
                 embedding_metrics(gs[name], data, init)
             )
         for seed in seeds:
-            run = run_seed(seed, data, gs, cfg)
+            run = run_seed(seed, data, fits, cfg)
             run["data"] = data
             run["data_seed"] = data_seed
+            run["trained_on"] = data.train[final]
             for row, g in run["g"].items():
                 embed_rows.setdefault(row, []).append(embedding_metrics(g, data, r_init))
             runs.append(run)
@@ -527,7 +713,7 @@ def summarise(
         for r in runs:
             data: Data = r["data"]
             # the training range: the energies of the trajectories vanilla was trained on
-            trained = data.fit if args.vanilla_data == "fit" else data.train
+            trained = r["trained_on"]
             train_e = energy(data.clean[trained, 0])
             test_e = energy(data.clean[data.test, 0])
             mask = ((test_e >= train_e.min()) & (test_e <= train_e.max())).numpy()
@@ -547,6 +733,15 @@ def summarise(
             "n_out_of_range": int(sum(p[0].size for p in outside)),
             "energy_drift": statistics.fmean(drift),
         }
+        if row in runs[0]["bound"]:
+            bound = protocol.nested_errors(
+                [{"err": {"b": r["bound"][row], "v": r["err"]["vanilla"]},
+                  "data_seed": r["data_seed"]} for r in runs]
+            )  # fmt: skip
+            extras[row]["bound"] = protocol.rmse(bound["b"]) / protocol.rmse(bound["v"])
+            extras[row]["bound_per_data_seed"] = [
+                protocol.rmse(b) / protocol.rmse(v) for b, v in zip(bound["b"], bound["v"])
+            ]
     rows, inner_lr, selected = protocol.summarise_runs(runs, extras)
     coefficients = {t: statistics.fmean(f[t] for f in formulas) for t in system.terms}
     embeddings = {
@@ -560,20 +755,25 @@ def summarise(
         "metric": f"rollout RMSE over {system.points - 1} RK4 steps from the clean test starts, "
         "against the clean truth",
         "sampler": args.sampler,
-        "vanilla_data": "the 20 non-validation training trajectories"
-        if args.vanilla_data == "fit"
-        else "all 25 training trajectories (the paper's): validation in-sample for vanilla",
+        "split": "the paper's: everything fitted on all 25 training trajectories, every choice "
+        "by 5-fold cross-validation over them (refits per fold, whole 44-step rollouts from the "
+        "clean starts against the noisy observations)"
+        if args.split == "paper"
+        else "extrapolation: the 5 highest-energy training trajectories validate, everything "
+        "is fitted on the other 20",
         "threads": args.threads,
         "inner_lr": inner_lr,
         "selected": selected,
         "spearman_val_test": protocol.rank_agreement(
-            runs, rows, [r for r, v in inner_lr.items() if v is not None]
+            runs, rows, [r for r in rows if r in runs[0]["val"] and r != "vanilla"]
         ),
         "rows": rows,
         "embeddings": embeddings,
         "formula": {"text": _formula_text(system, coefficients), "coefficients": coefficients},
         "paper": {**system.paper, "metric": "rollout RMSE"},
     }
+    if runs[0]["trial"]:
+        report["meta_trial"] = trial_summary(runs)
     if "curve" in runs[0]:
         report["test_steps"] = curve_summary(runs)
         report["raw_test_steps"] = {
@@ -589,6 +789,31 @@ def summarise(
             for name in runs[0]["curve"]
         }
     return report
+
+
+def trial_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The meta-training trial per row: the test ratio to the control with its nested-bootstrap
+    interval, the validation error (the first fold's 5 trajectories) beside the control's, the
+    learned step, the steps run and the checkpoint chosen, and whether the validation curve had
+    flattened (its best checkpoint not the last) in every run."""
+    errors = protocol.nested_errors(runs)
+    control = errors["control"]
+    out: dict[str, Any] = {}
+    for row in runs[0]["trial"]:
+        infos = [r["trial"][row] for r in runs]
+        ci = protocol.bootstrap_ratio(errors[row], control)
+        out[row] = {
+            "ratio_to_control": protocol.rmse(errors[row]) / protocol.rmse(control),
+            "ratio_to_control_ci": None if ci is None else list(ci),
+            "validation_error": statistics.fmean(statistics.fmean(i["validation"]) for i in infos),
+            "learned_step": [i.get("learned_step") for i in infos],
+            "steps": [i["steps"] for i in infos],
+            "chosen_step": [i["chosen_step"] for i in infos],
+            "flattened": all(i["flattened"] for i in infos),
+            "seconds": statistics.fmean(i["seconds"] for i in infos),
+            "curves": [i["curve"] for i in infos],
+        }
+    return out
 
 
 def curve_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -658,8 +883,23 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
             ("ratio_in_range", "in-range", ".3f"),
             ("ratio_out_of_range", "out-range", ".3f"),
             ("energy_drift", "H drift", ".3f"),
+            ("bound", "test-best*", ".3f"),
         ],
     )
+    print(
+        "* test-best: the grid's best configuration chosen ON THE TEST SET, a bound, not a result"
+    )
+    if "meta_trial" in report:
+        print("\nmeta-training trial (first fold: fit on 20, epoch by validation on 5):")
+        for row, t in report["meta_trial"].items():
+            steps = ", ".join(f"{c}/{n}" for c, n in zip(t["chosen_step"], t["steps"]))
+            learned = ", ".join("—" if v is None else f"{v:.3g}" for v in t["learned_step"])
+            print(
+                f"  {row:<22} test/control {t['ratio_to_control']:.3f} "
+                f"{protocol.format_ci(t['ratio_to_control_ci'])}  val {t['validation_error']:.5f}"
+                f"  checkpoint/steps {steps}  step {learned}"
+                f"{'' if t['flattened'] else '  (validation still falling at the end)'}"
+            )
     print(f"\nformula (mean over data seeds): g = {report['formula']['text']}")
     paper = report["paper"]
     print(

@@ -421,16 +421,23 @@ def tuned_scores(result: Any) -> list[float]:
 def rank_agreement(
     runs: Sequence[Mapping[str, Any]], rows: Mapping[str, Mapping[str, Any]], noether: Sequence[str]
 ) -> dict[str, float | None]:
-    """Per data seed, the Spearman correlation between the ``noether`` rows' validation errors
-    and their test ratios to vanilla: whether validation ranks rows as the test does (None with
-    fewer than 3 rows, or a constant column)."""
+    """Per data seed, the Spearman correlation between the validation errors of the ``noether``
+    rows that are on (a row switched off in every run of the data seed, step 0, is left out: its
+    validation error is vanilla's) and their test ratios to vanilla: whether validation ranks
+    rows as the test does (None with fewer than 3 rows on, or a constant column)."""
     from noether_wrap.validation import spearman
 
     seeds = sorted({r.get("data_seed", 0) for r in runs})
     out: dict[str, float | None] = {}
     for i, seed in enumerate(seeds):
         mine = [r for r in runs if r.get("data_seed", 0) == seed]
-        names = [n for n in noether if n in mine[0]["val"] and n in rows]
+        names = [
+            n
+            for n in noether
+            if n in mine[0]["val"]
+            and n in rows
+            and not all(r["lr"].get(n, None) == 0.0 for r in mine)
+        ]
         if len(names) < 3:
             out[str(seed)] = None
             continue
