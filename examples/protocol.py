@@ -531,10 +531,21 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _git_state() -> tuple[str | None, bool | None]:
+    commit = _git("rev-parse", "HEAD")
+    status = None if commit is None else _git("status", "--porcelain", "--untracked-files=no")
+    return commit, None if status is None else bool(status)
+
+
+#: The commit and dirty flag when the run started (a long run outlives later commits).
+_STARTED_AT = _git_state()
+
+
 def provenance(seconds: float | None = None) -> dict[str, Any]:
     """What produced a result: package version, git commit (None outside a repository) and
-    whether the tracked files differed from it, torch version, torch's thread count, the command
-    line, Python, the platform, the run's seconds and when it was written (UTC)."""
+    whether the tracked files differed from it, both as the run started; torch version, torch's
+    thread count, the command line, Python, the platform, the run's seconds and when it was
+    written (UTC)."""
     try:
         import noether_wrap
 
@@ -546,12 +557,11 @@ def provenance(seconds: float | None = None) -> dict[str, Any]:
             version = _version("noether_wrap")
         except Exception:  # noqa: BLE001
             version = None
-    commit = _git("rev-parse", "HEAD")
-    status = None if commit is None else _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = _STARTED_AT
     return {
         "package_version": version,
         "git_commit": commit,
-        "git_dirty": None if status is None else bool(status),
+        "git_dirty": dirty,
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "numpy_version": np.__version__,

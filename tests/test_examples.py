@@ -106,29 +106,45 @@ def test_pendulum_quick_json(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     plot = tmp_path / "p.png"
     out = _run(
-        "pendulum.py", "--quick", "--test-steps", "1,2", "--json", str(path), "--plot", str(plot)
-    )
+        "pendulum.py", "--quick", "--meta", "--test-steps", "1,2", "--json", str(path),
+        "--plot", str(plot),
+    )  # fmt: skip
     assert "g = " in out and "selected by validation error" in out
     report = json.loads(path.read_text())
     check_protocol_report(report, "pendulum")
     rows = report["rows"]
-    expected = {"vanilla", "control", "projection_oracle", "projection_formula"}
-    expected |= {
+    tailored = {
         f"{rule}_{g}" for rule in ("testtime", "polyak") for g in ("oracle", "formula", "learned")
     }
-    expected |= {f"meta_{g}" for g in ("oracle", "formula", "learned")}
-    expected |= {f"meta_{g}_untailored" for g in ("oracle", "formula", "learned")}
-    expected |= {"meta_learned_frozen"}
+    expected = {"vanilla", "control", "projection_oracle", "projection_formula"} | tailored
+    expected |= {"meta_oracle", "meta_learned", "meta_learned_frozen"}
+    expected |= {"meta_oracle_untailored", "meta_learned_untailored"}
     assert set(rows) == expected
     assert report["selected"] in rows  # vanilla is a candidate too
     for name in expected:
         assert rows[name]["n_test"] == 25 and math.isfinite(rows[name]["energy_drift"])
         assert "ratio_in_range" in rows[name] and "ratio_out_of_range" in rows[name]
+    for name in tailored:
+        # the grid's best on the test set bounds what the rule chose from the same grid
+        assert rows[name]["bound"] <= rows[name]["ratio"] + 1e-12, name
+        assert len(rows[name]["bound_per_data_seed"]) == 1
+        # cross-validated: every one of the 25 training trajectories scored once
+        assert rows[name]["validation_error"] is not None
     assert rows["projection_oracle"]["energy_drift"] < 1e-3  # on the level set by construction
-    for name in ("testtime_oracle", "testtime_learned", "meta_formula", "meta_learned_frozen"):
-        # tuned on one seed: a grid value, or 0.0 where the tuning kept "off"
-        assert report["inner_lr"][name] in (0.0, 0.01, 0.0316, 0.1, 0.316, 1.0)
-    assert report["inner_lr"]["meta_formula_untailored"] is None
+    fixed, polyak = (0.0, 0.1, 1.0), (0.0, 1.0, 2.0)  # --quick's grids; 0.0 where "off" won
+    for name in ("testtime_oracle", "testtime_formula", "testtime_learned"):
+        assert report["inner_lr"][name] in fixed
+    for name in ("polyak_oracle", "polyak_formula", "polyak_learned"):
+        assert report["inner_lr"][name] in polyak
+    assert report["inner_lr"]["meta_oracle_untailored"] is None
+    trial = report["meta_trial"]
+    assert set(trial) == {"meta_oracle", "meta_learned", "meta_learned_frozen", "control"}
+    for name, t in trial.items():
+        assert t["ratio_to_control_ci"] is not None and t["steps"][0] >= 1
+        assert 0 <= t["chosen_step"][0] <= t["steps"][0]
+        assert (t["learned_step"][0] is None) == (name == "control")
+    # the control gets the meta rows' seconds: its plain steps are far cheaper, so it runs more
+    assert trial["control"]["steps"][0] > trial["meta_oracle"]["steps"][0]
     coef = report["formula"]["coefficients"]
     assert set(coef) == {"q", "p", "q^2", "p^2", "cos(q)", "sin(q)", "q*p"}
     assert coef["p^2"] == 1.0 and coef["cos(q)"] < -2.0  # the pendulum's energy, roughly
@@ -137,7 +153,7 @@ def test_pendulum_quick_json(tmp_path: Path) -> None:
     assert report["sampler"] == "hnn" and report["paper"]["vanilla"] == 0.0563
     assert plot.stat().st_size > 10_000
     assert_tailoring_moves(report, "vanilla")
-    assert report["vanilla_data"].startswith("the 20 non-validation")
+    assert report["split"].startswith("the paper's")
     for curve in ("oracle_none", "oracle_backtrack"):
         for k in ("1", "2"):
             assert np.asarray(report["raw_test_steps"][curve][k]).shape == (1, 1, 25)
@@ -146,7 +162,7 @@ def test_pendulum_quick_json(tmp_path: Path) -> None:
 
 def test_spring_quick_json(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    _run("spring.py", "--quick", "--no-meta", "--json", str(path))
+    _run("spring.py", "--quick", "--split", "extrapolation", "--json", str(path))
     report = json.loads(path.read_text())
     check_protocol_report(report, "spring")
     coef = report["formula"]["coefficients"]
@@ -154,6 +170,8 @@ def test_spring_quick_json(tmp_path: Path) -> None:
     assert abs(coef["q^2"] - 1.0) < 0.1  # q^2 + p^2, from the noisy training trajectories
     assert report["paper"]["vanilla"] == 0.0174
     assert report["rows"]["testtime_oracle"]["n_test"] == 25
+    assert report["split"].startswith("extrapolation")
+    assert "meta_trial" not in report and "control" in report["rows"]
     assert_tailoring_moves(report, "vanilla")
 
 
