@@ -9,14 +9,13 @@ interleaved repetitions, at k = 1, as a ratio to the unwrapped model's step on t
 beside it the floor, a hand-written batch-shared inner step over every weight (``hand``).
 One thread unless --threads says otherwise. The JSON keeps every repetition's seconds and the
 provenance (torch version, threads, commit, command line); docs/performance.md's wrapped/unwrapped
-table is generated from it by examples/rederive.py.
+table is generated from it by experiments/rederive.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -24,16 +23,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import protocol  # noqa: E402
-from test_affine import _Seq2Seq, _Transformer  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-
-from noether_wrap import Affine, NoetherWrapper, Rollout, noether_loss  # noqa: E402
-from noether_wrap._inner.call import math_attention  # noqa: E402
-from noether_wrap.embeddings import MLPEmbedding  # noqa: E402
+from noether_experiments import protocol
+from noether_experiments.models import Seq2Seq, Transformer
+from noether_wrap import Affine, NoetherWrapper, Rollout, noether_loss
+from noether_wrap._inner.call import math_attention
+from noether_wrap.embeddings import MLPEmbedding
 
 
 class _GRUStack(nn.Module):
@@ -134,11 +130,11 @@ def main() -> None:
     recipes: list[
         tuple[str, Callable[[], nn.Module], dict[str, object], Callable[[int], tuple]]
     ] = [
-        ("GRU encoder-decoder", lambda: _Seq2Seq(nn.GRU), {"adapt": Affine("decoder")}, frames),
-        ("LSTM encoder-decoder", lambda: _Seq2Seq(nn.LSTM), {"adapt": Affine("decoder")}, frames),
+        ("GRU encoder-decoder", lambda: Seq2Seq(nn.GRU), {"adapt": Affine("decoder")}, frames),
+        ("LSTM encoder-decoder", lambda: Seq2Seq(nn.LSTM), {"adapt": Affine("decoder")}, frames),
         (
             "Transformer, causal, `batch_first`",
-            _Transformer,
+            Transformer,
             {"adapt": Affine("encoder.layers.*.linear2")},
             frames,
         ),

@@ -43,11 +43,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import protocol  # noqa: E402  (provenance and the JSON writer, as every result uses)
-
-from noether_wrap import Affine, NoetherWrapper, Rollout, noether_loss  # noqa: E402
-from noether_wrap.embeddings import MLPEmbedding  # noqa: E402
+from noether_experiments import protocol  # provenance and the JSON writer, as every result uses
+from noether_wrap import Affine, NoetherWrapper, Rollout, noether_loss
+from noether_wrap.embeddings import MLPEmbedding
 
 STATE, HORIZON, LR, GAMMA = 16, 20, 1e-2, 0.5
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("higher", "torchopt")}

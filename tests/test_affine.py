@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from noether_experiments.models import Seq2Seq, Transformer
 from noether_wrap import Affine, NoetherWrapper
 from noether_wrap.embeddings import MLPEmbedding
 
@@ -152,53 +153,12 @@ def test_affine_errors_name_adapt() -> None:
         net(torch.randn(5, 2))
 
 
-class _Seq2Seq(nn.Module):
-    """An RNN encoder-decoder: reads (batch, 6, 2) frames, predicts (batch, 5, 2)."""
-
-    def __init__(self, cell: type[nn.Module]) -> None:
-        super().__init__()
-        self.encoder = cell(2, 16, batch_first=True)
-        self.decoder = cell(2, 16, batch_first=True)
-        self.head = nn.Linear(16, 2)
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        _, state = self.encoder(frames)
-        x, outs = frames[:, -1:], []
-        for _ in range(5):
-            h, state = self.decoder(x, state)
-            x = x + self.head(h)
-            outs.append(x)
-        return torch.cat(outs, dim=1)
-
-
-class _Transformer(nn.Module):
-    """A causal, batch_first Transformer encoder that rolls out 5 frames."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(2, 16)
-        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(16, 2)
-
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        seq, outs = frames, []
-        for _ in range(5):
-            n = seq.shape[1]
-            mask = nn.Transformer.generate_square_subsequent_mask(n, dtype=seq.dtype)
-            h = self.encoder(self.embed(seq), mask=mask, is_causal=True)
-            nxt = seq[:, -1:] + self.head(h[:, -1:])
-            outs.append(nxt)
-            seq = torch.cat([seq, nxt], dim=1)
-        return torch.cat(outs, dim=1)
-
-
 @pytest.mark.parametrize(
     "make,pattern",
     [
-        (lambda: _Seq2Seq(nn.GRU), "decoder"),
-        (lambda: _Seq2Seq(nn.LSTM), "decoder"),
-        (_Transformer, "encoder.layers.*.linear2"),
+        (lambda: Seq2Seq(nn.GRU), "decoder"),
+        (lambda: Seq2Seq(nn.LSTM), "decoder"),
+        (Transformer, "encoder.layers.*.linear2"),
     ],
     ids=["gru", "lstm", "transformer"],
 )
@@ -237,7 +197,7 @@ def test_recurrent_affine_matches_an_independent_hand_written_loop(cell: str, st
     recurrences written out by hand, one sequence at a time, explicit autograd steps on the
     decoder output's scale and shift (not the library run one sequence at a time)."""
     torch.manual_seed(0)
-    model = _Seq2Seq(nn.GRU if cell == "gru" else nn.LSTM).double()
+    model = Seq2Seq(nn.GRU if cell == "gru" else nn.LSTM).double()
     emb = MLPEmbedding(2, out_features=2, hidden=8, depth=1).double()
     net = NoetherWrapper(
         model, emb, inner_steps=steps, inner_lr=0.3, adapt=Affine("decoder"), per_sample=True

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 import torch
-from test_affine import _Seq2Seq, _Transformer
 from torch import nn
 
+from noether_experiments.models import Seq2Seq, Transformer
 from noether_wrap import Affine, NoetherWrapper, Rollout
 from noether_wrap.embeddings import MLPEmbedding
 
@@ -28,7 +28,7 @@ def test_rnn_default_wrap_says_what_will_work(cell: type[nn.Module]) -> None:
     """vmap has no batching rule for the RNN kernels: the error names the cause and the ways
     through, and the affine adapt is one of them."""
     torch.manual_seed(0)
-    model = _Seq2Seq(cell)
+    model = Seq2Seq(cell)
     frames = torch.randn(3, 6, 2)
     net = NoetherWrapper(model, MLPEmbedding(2))
     with pytest.raises(ValueError, match="Affine.*low-rank.*per_sample=False") as info:
@@ -46,7 +46,7 @@ def test_tailor_works_wherever_forward_works() -> None:
     """A GRU tailored on its nn.Linear head runs on the low-rank path; tailor() must still give
     the weights (one sequence at a time), and tailored_model must reproduce forward."""
     torch.manual_seed(0)
-    net = NoetherWrapper(_Seq2Seq(nn.GRU).double(), MLPEmbedding(2).double(), adapt="head.*")
+    net = NoetherWrapper(Seq2Seq(nn.GRU).double(), MLPEmbedding(2).double(), adapt="head.*")
     frames = torch.randn(3, 6, 2, dtype=torch.float64)
     out = net(frames)
     weights = net.tailor(frames)
@@ -75,7 +75,7 @@ def test_causal_transformer_trains_on_every_path() -> None:
     """Second order through fused attention: the wrapper runs attention on the math kernel
     while the inner gradient is differentiated again."""
     torch.manual_seed(0)
-    model = _Transformer()
+    model = Transformer()
     frames, target = torch.randn(3, 6, 2), torch.randn(3, 5, 2)
     for kwargs in ({}, {"per_sample": False}, {"adapt": Affine("encoder.layers.*.linear2")}):
         net = NoetherWrapper(model, MLPEmbedding(2), inner_lr=0.05, **kwargs)

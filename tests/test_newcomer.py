@@ -1,4 +1,4 @@
-"""examples/newcomer.py at its --quick size: the JSON's shape, finite values, and what the
+"""experiments/newcomer.py at its --quick size: the JSON's shape, finite values, and what the
 library promises by construction: every tuned row's validation choice is recorded, and where the
 tuning chose "off" (it then warns) the tuned predictions are exactly the plain model's. The
 issue's 1 % target is a measured result (docs/newcomer.md), not asserted here."""
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "newcomer.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "newcomer.py"
 ROWS = ("plain", "energy_polyak_default", "energy_tuned", "fitted_polyak_default", "fitted_tuned")
 RANGES = ("in_range", "out_of_range")
 TUNED = ("energy_tuned", "fitted_tuned")

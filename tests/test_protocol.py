@@ -1,23 +1,20 @@
-"""The evaluation protocol (examples/protocol.py) and its re-derivation (examples/rederive.py):
-the nested bootstrap's coverage on synthetic experiments with a known ratio, non-finite errors,
-the JSON's raw errors and provenance, and the round trip JSON -> recomputed tables."""
+"""The evaluation protocol (experiments/protocol.py) and its re-derivation
+(experiments/rederive.py): the nested bootstrap's coverage on synthetic experiments with a
+known ratio, non-finite errors, the JSON's raw errors and provenance, and the round trip
+JSON -> recomputed tables."""
 
 from __future__ import annotations
 
 import functools
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import protocol  # noqa: E402
-import rederive  # noqa: E402
+from noether_experiments import protocol, rederive
 
 TRUTH = 0.8  # the population RMSE ratio of every synthetic experiment
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from test_examples import PROTOCOL_ROW_KEYS
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import real_pendulum  # noqa: E402
-from test_examples import PROTOCOL_ROW_KEYS  # noqa: E402
+from noether_experiments import real_pendulum
 
 ROW_KEYS = PROTOCOL_ROW_KEYS | {"whole_error", "whole_ratio", "validation_error"}
 
@@ -66,7 +62,7 @@ def test_checksum_fires_on_a_corrupted_copy(tmp_path: Path) -> None:
 
 
 def test_quick_time_split(tmp_path: Path) -> None:
-    """examples/real_blocks.py: every block and row finite, the tuned rows' choices recorded,
+    """experiments/real_blocks.py: every block and row finite, the tuned rows' choices recorded,
     and a guard that binds never returns anything but the plain or the tailored prediction."""
     import real_blocks
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -45,13 +44,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import protocol  # noqa: E402
-
-from noether_wrap import NoetherWrapper, Rollout, TuneGridResult, fit_conserved, tune, tune_cv  # noqa: E402
-from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized  # noqa: E402
-from noether_wrap.tuning import DEFAULT_POLYAK_CANDIDATES, TuningWarning  # noqa: E402
-from noether_wrap.validation import kfold, window_targets  # noqa: E402
+from noether_experiments import protocol
+from noether_wrap import NoetherWrapper, Rollout, TuneGridResult, fit_conserved, tune, tune_cv
+from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized
+from noether_wrap.tuning import DEFAULT_POLYAK_CANDIDATES, TuningWarning
+from noether_wrap.validation import kfold, window_targets
 
 EMBEDDINGS = ("oracle", "formula", "learned")
 #: The fixed-step grid and the Polyak fractions (γ = 2 is the full Gauss–Newton step).

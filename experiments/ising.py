@@ -1,8 +1,8 @@
 """2-D Ising spin dynamics: does tailoring remove magnetisation drift, and does g find the law?
 
-    python examples/ising.py                    # Kawasaki, data seed 0, 2 model seeds
-    python examples/ising.py --data-seeds 2 --seeds 2 --json runs/ising.json --plot runs/ising.png
-    python examples/ising.py --quick            # smoke run for tests
+    python experiments/ising.py                    # Kawasaki, data seed 0, 2 model seeds
+    python experiments/ising.py --data-seeds 2 --seeds 2 --json runs/ising.json --plot runs/ising.png
+    python experiments/ising.py --quick            # smoke run for tests
 
 Kawasaki dynamics: spins +-1 on an L x L torus, H = -sum_<ij> s_i s_j; a sweep is L^2 attempted
 exchanges of opposite nearest-neighbour spins with Metropolis acceptance at temperature T = 2.
@@ -10,7 +10,7 @@ Every exchange keeps the total magnetisation, so M is conserved exactly in each 
 the dynamics is random: a predictor can only learn the ensemble mean, and is scored against it
 (per test start, the MSE against the mean of 32 realisations).
 
-Rows, on the protocol of examples/protocol.py (docs/ising.md): vanilla (a CNN trained on one
+Rows, on the protocol of experiments/protocol.py (docs/ising.md): vanilla (a CNN trained on one
 step); control (vanilla trained on 10-step rollouts for as many steps, on the same batches, as
 base + meta-training of the Noether rows); projection (control's lattices shifted to the start's
 mean spin: the hand-coded conservation a physicist would write); testtime_oracle and
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,12 +40,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import protocol  # noqa: E402
-
-from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr  # noqa: E402
-from noether_wrap.embeddings import Standardized  # noqa: E402
-from noether_wrap.tuning import per_sequence_mse  # noqa: E402
+from noether_experiments import protocol
+from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr
+from noether_wrap.embeddings import Standardized
+from noether_wrap.tuning import per_sequence_mse
 
 CANDIDATES = (1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1, 0.316, 1.0)
 

@@ -2,9 +2,9 @@
 intervals are recomputed from each file's ``raw`` per-(data seed, model seed, sequence) errors
 with the bootstrap seed and resample count the file records, and printed as markdown.
 
-    python examples/rederive.py docs/results/*.json              # the tables, recomputed
-    python examples/rederive.py --check docs/results/*.json      # exit 1 on any mismatch
-    python examples/rederive.py --write-docs docs/*.md -- docs/results/*.json
+    python experiments/rederive.py docs/results/*.json              # the tables, recomputed
+    python experiments/rederive.py --check docs/results/*.json      # exit 1 on any mismatch
+    python experiments/rederive.py --write-docs docs/*.md -- docs/results/*.json
 
 ``--check`` compares every recomputed figure with the one stored in the JSON, exactly (the JSON
 text of both); a protocol report without ``raw`` cannot be re-derived and fails the check.
@@ -43,8 +43,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import protocol  # noqa: E402
+from noether_experiments import protocol
 
 #: Extra table columns per example: ``(key, header, format)`` as the examples print them.
 EXTRA_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
@@ -445,7 +444,7 @@ def probes_table(report: Mapping[str, Any]) -> str:
 
 
 def newcomer_table(report: Mapping[str, Any]) -> str:
-    """docs/newcomer.md's table from ``examples/newcomer.py``'s JSON: per row and range, the
+    """docs/newcomer.md's table from ``experiments/newcomer.py``'s JSON: per row and range, the
     mean over seeds of the RMSE, the mean over seeds of the ratio to ``plain`` with each seed's
     ratio (recomputed from the stored per-seed RMSEs), and the test trajectories improved (as
     stored: the JSON keeps no per-trajectory errors)."""
@@ -471,7 +470,7 @@ def newcomer_table(report: Mapping[str, Any]) -> str:
 
 
 def blocks_table(report: Mapping[str, Any]) -> str:
-    """docs/real-pendulum.md's split-in-time table from ``examples/real_blocks.py``'s JSON,
+    """docs/real-pendulum.md's split-in-time table from ``experiments/real_blocks.py``'s JSON,
     recomputed from its raw per-window errors: per row and block, the ratio of mean window MSE
     to the plain field over all seeds, each seed's ratio, and the windows improved."""
     runs = report["runs"]

@@ -1,11 +1,11 @@
 """Real pendulum (Schmidt & Lipson 2009): Noether tailoring on motion-tracked data, on HNN's
 protocol and the evaluation protocol of ``protocol.py``.
 
-    python examples/real_pendulum.py                     # 2 model seeds, 2 processes x 1 thread
-    python examples/real_pendulum.py --json docs/results/real_pendulum.json
-    python examples/real_pendulum.py --quick             # a smoke run on a slice, for the tests
+    python experiments/real_pendulum.py                     # 2 model seeds, 2 processes x 1 thread
+    python experiments/real_pendulum.py --json docs/results/real_pendulum.json
+    python experiments/real_pendulum.py --quick             # a smoke run on a slice, for the tests
 
-Data (examples/data/real_pend_h_1.txt, sha256-checked on load): 556 rows (t, angle, angular
+Data (experiments/data/real_pend_h_1.txt, sha256-checked on load): 556 rows (t, angle, angular
 velocity) at 1/6 s with 10 gaps where tracking dropped frames. HNN's protocol: a state and its
 time derivative per pair of consecutive rows, by the midpoint rule (the state is the pair's mean,
 the derivative its difference over the ACTUAL time difference, so gaps are handled); 555 states,
@@ -32,7 +32,7 @@ included) with the lowest validation error, again kept at vanilla unless clearly
 Rows: vanilla; control (vanilla + as many more Adam steps as the meta row); hnn (a Hamiltonian
 network, same data, optimiser and steps); projection_energy (after every RK4 step, back onto the
 level set of the reference energy 2.4 (1 - cos q) + p^2 of the start); testtime_{energy,formula,
-learned} (the vanilla field tailored per state, as examples/hamiltonian.py does, with g the
+learned} (the vanilla field tailored per state, as experiments/hamiltonian.py does, with g the
 standardised reference energy, the FeatureLibrary formula fitted on training windows, or an MLP g
 fitted by fit_conserved); meta_learned_frozen (g and the step meta-trained, field frozen);
 window_energy (the whole 30-step rollout tailored, anchor form) and chain_{energy,formula_local}
@@ -50,7 +50,6 @@ import io
 import math
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -63,13 +62,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hamiltonian  # noqa: E402
-import protocol  # noqa: E402
-
-from noether_wrap import NoetherWrapper, Rollout, fit_conserved  # noqa: E402
-from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized  # noqa: E402
-from noether_wrap.tuning import (  # noqa: E402
+from noether_experiments import hamiltonian, protocol
+from noether_wrap import NoetherWrapper, Rollout, fit_conserved
+from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized
+from noether_wrap.tuning import (
     DEFAULT_GUARDS,
     DEFAULT_POLYAK_CANDIDATES,
     choose,
@@ -116,8 +112,8 @@ def load(path: Path = DATA) -> np.ndarray:
     if digest != SHA256:
         raise ChecksumError(
             f"{path}: sha256 {digest} does not match the vendored recording's {SHA256}; the "
-            "file was changed or corrupted. Restore examples/data/real_pend_h_1.txt from the "
-            "repository (provenance: examples/data/README.md)."
+            "file was changed or corrupted. Restore experiments/data/real_pend_h_1.txt from the "
+            "repository (provenance: experiments/data/README.md)."
         )
     return np.loadtxt(io.StringIO(raw.decode()), comments="%", ndmin=2)
 
@@ -435,7 +431,7 @@ def meta_train(built: Built, stage: Stage, cfg: Settings, lr: float, desc: str) 
 
 
 def projected(f: nn.Module, starts: Tensor, horizon: int, method: str = "rk4") -> Tensor:
-    """The expert's baseline (examples/hamiltonian.py's ``project``): after every step of the
+    """The expert's baseline (experiments/hamiltonian.py's ``project``): after every step of the
     integrator, three Newton steps back onto the level set of the reference energy."""
     step = Rollout(f, 1, dt=DT, method=method)  # type: ignore[arg-type]
     return hamiltonian.project(step, energy, starts, horizon)

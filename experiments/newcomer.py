@@ -44,10 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import protocol  # noqa: E402
-
-from noether_wrap import (  # noqa: E402
+from noether_experiments import protocol
+from noether_wrap import (
     NoetherWrapper,
     Rollout,
     TailoringDoesNotHelp,
@@ -55,8 +53,8 @@ from noether_wrap import (  # noqa: E402
     fit_conserved,
     tune,
 )
-from noether_wrap.embeddings import MLPEmbedding, Standardized  # noqa: E402
-from noether_wrap.validation import estimate_starts, window_targets  # noqa: E402
+from noether_wrap.embeddings import MLPEmbedding, Standardized
+from noether_wrap.validation import estimate_starts, window_targets
 
 DT, NOISE, HORIZON = 0.1, 0.02, 30
 BAND_IN, BAND_OUT = (-0.2, 0.3), (0.5, 1.0)

@@ -1,9 +1,9 @@
 """Video prediction from raw pixels: a ball on a spring, tailored with a conv embedding over frame
 pairs (the paper's main setting), on rendered physics with an exactly known energy.
 
-    python examples/video.py                     # data seed 0, 2 model seeds
-    python examples/video.py --seeds 3 --json runs/video.json --plot runs/video.png
-    python examples/video.py --quick             # smoke run for tests
+    python experiments/video.py                     # data seed 0, 2 model seeds
+    python experiments/video.py --seeds 3 --json runs/video.json --plot runs/video.png
+    python experiments/video.py --quick             # smoke run for tests
 
 Clips: 32x32 grayscale frames of a soft Gaussian ball on a frictionless 2-D spring,
 E = |v|^2 / 2 + k |x|^2 / 2, random initial conditions with a spread of energies. 2 observed
@@ -11,7 +11,7 @@ frames, T = 10 predicted frames. The predictor is a small conv encoder-decoder t
 two frames and predicts the next one as a residual, clamped to [0, 1] in the forward pass with the
 gradient passed straight through; it is rolled out autoregressively (time at dim 1).
 
-Rows, on the protocol of examples/protocol.py (docs/video.md): vanilla (teacher forcing, then
+Rows, on the protocol of experiments/protocol.py (docs/video.md): vanilla (teacher forcing, then
 rollout training); control (vanilla trained further for as many steps, on the same batches, as
 the meta rows); testtime_oracle (vanilla tailored at prediction time with g = the ball's energy
 from a thresholded intensity centroid) and testtime_learned (g a ConvEmbedding over frame pairs,
@@ -30,7 +30,6 @@ import argparse
 import copy
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +40,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import protocol  # noqa: E402
-
-from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr  # noqa: E402
-from noether_wrap.embeddings import ConvEmbedding, Standardized  # noqa: E402
+from noether_experiments import protocol
+from noether_wrap import NoetherWrapper, Rollout, TuneResult, fit_conserved, tune_inner_lr
+from noether_wrap.embeddings import ConvEmbedding, Standardized
 
 SIZE, OBSERVED, HORIZON, DT, K_SPRING, SIGMA = 32, 2, 10, 0.15, 1.0, 3.0
 CANDIDATES = (0.1, 0.316, 1.0, 3.16, 10.0)

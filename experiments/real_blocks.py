@@ -1,11 +1,11 @@
 """Real pendulum, split in time: does a tuned wrapper keep its promise on later blocks?
 
-    python examples/real_blocks.py                        # 3 model seeds, about 4 minutes
-    python examples/real_blocks.py --json docs/results/real_blocks.json
-    python examples/real_blocks.py --quick                # a smoke run for the tests
+    python experiments/real_blocks.py                        # 3 model seeds, about 4 minutes
+    python experiments/real_blocks.py --json docs/results/real_blocks.json
+    python experiments/real_blocks.py --quick                # a smoke run for the tests
 
-The recording (Schmidt & Lipson 2009, examples/data/real_pend_h_1.txt; states and midpoint
-derivatives as in examples/real_pendulum.py) is cut in time: HNN's MLP field is fitted to the
+The recording (Schmidt & Lipson 2009, experiments/data/real_pend_h_1.txt; states and midpoint
+derivatives as in experiments/real_pendulum.py) is cut in time: HNN's MLP field is fitted to the
 first 60 % of the states (2,000 full-batch Adam steps on the derivative MSE); every choice is made
 by ``noether_wrap.tune`` on the gap-free 10-step RK4 windows that start in 60-70 % (the block
 just before the test): k = 1, the rule (fixed or Polyak), the step and, for the guarded row, the
@@ -28,13 +28,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hamiltonian  # examples/ is the script's own folder, first on sys.path
 import numpy as np
-import protocol
-import real_pendulum as rp
 import torch
 from torch import Tensor
 
+from noether_experiments import hamiltonian, protocol
+from noether_experiments import real_pendulum as rp
 from noether_wrap import NoetherWrapper, Rollout, tune
 from noether_wrap.embeddings import Standardized
 from noether_wrap.tuning import DEFAULT_GUARDS

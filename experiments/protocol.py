@@ -22,7 +22,7 @@ single data seed the outer level draws that one seed every time and the interval
 about other data: it is an interval over model seeds and test sequences only.
 
 Every JSON written by :func:`write_json` carries the raw per-(data seed, model seed, sequence)
-errors of every row and the run's provenance, so ``examples/rederive.py`` recomputes every
+errors of every row and the run's provenance, so ``experiments/rederive.py`` recomputes every
 figure from the JSON alone.
 """
 
@@ -49,7 +49,7 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 #: Version of the metrics below; stored in the JSON so that a re-derivation knows what it redoes.
 PROTOCOL_VERSION = 2
-#: The row keys :func:`row_metrics` computes from the errors alone (examples/rederive.py
+#: The row keys :func:`row_metrics` computes from the errors alone (experiments/rederive.py
 #: recomputes exactly these from ``raw``; every other key of a row is an example's extra).
 DERIVED_KEYS = (
     "error",

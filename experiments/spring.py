@@ -1,28 +1,24 @@
 """Ideal spring: the paper's other Table 1 system, on the pendulum's protocol.
 
-    python examples/spring.py                         # data seed 0, 2 model seeds
-    python examples/spring.py --data-seeds 3 --seeds 3 --json runs/spring.json
-    python examples/spring.py --quick                 # a smoke run for the tests
+    python experiments/spring.py                         # data seed 0, 2 model seeds
+    python experiments/spring.py --data-seeds 3 --seeds 3 --json runs/spring.json
+    python experiments/spring.py --quick                 # a smoke run for the tests
 
 HNN's ideal spring (Greydanus et al. 2019), reproduced exactly: H = q^2 + p^2, so dq/dt = 2p and
 dp/dt = -2q; for each of 50 trajectories a start ``y0 = rand(2) * 2 - 1`` scaled to radius
 ``rand() * 0.9 + 0.1``, 30 points on t in [0, 3], noise 0.1 on q then p; trajectories 0-24
 train, 25-49 test; HNN's MLP for the field. Its invariant is a quadratic form, so the feature
 library (q, p, q^2, p^2, q*p) can hold it exactly. Everything but the physics is shared with the
-pendulum: examples/hamiltonian.py, docs/spring.md.
+pendulum: experiments/hamiltonian.py, docs/spring.md.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hamiltonian  # noqa: E402
+from noether_experiments import hamiltonian
 
 
 def field(x: Tensor) -> Tensor:
