@@ -1,7 +1,8 @@
 """2-D Ising spin dynamics: does tailoring remove magnetisation drift, and does g find the law?
 
     python experiments/ising.py                    # Kawasaki, data seed 0, 2 model seeds
-    python experiments/ising.py --data-seeds 2 --seeds 2 --json runs/ising.json --plot runs/ising.png
+    python experiments/ising.py --data-seeds 2 --seeds 2 --json runs/ising.json \
+        --plot runs/ising.png
     python experiments/ising.py --quick            # smoke run for tests
 
 Kawasaki dynamics: spins +-1 on an L x L torus, H = -sum_<ij> s_i s_j; a sweep is L^2 attempted
