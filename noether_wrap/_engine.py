@@ -239,6 +239,7 @@ def _make_call(
         step_control=options.step_control,
         max_grad_norm=options.max_inner_grad_norm,
         polyak_cap=options.polyak_cap,
+        momentum=options.inner_momentum,
         guard=options.guard,
         move=move_fn(options),
         create_graph=differentiable and not options.first_order,

@@ -66,6 +66,14 @@ def _positive_or_none(name: str, value: object) -> Any:
     return check_positive_float(name, value, allow_none=True)
 
 
+def _momentum(name: str, value: object) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"`{name}` must be None or a float in [0, 1), got {value!r}.")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Option:
     """One option: its name, default, check (``(name, value) -> normalised value``, raising a
@@ -97,6 +105,13 @@ OPTIONS: tuple[Option, ...] = (
         "a Polyak step moves the adapted parameters by at most this fraction of their norm "
         "(affines: of the identity's), so a vanishing gradient never gives an unbounded step; "
         "None: uncapped",
+    ),
+    Option(
+        "inner_momentum",
+        None,
+        _momentum,
+        "heavy-ball momentum β ∈ [0, 1) on the inner steps: each step adds β times the "
+        "previous one (k ≥ 2; higher's and torchopt's `sgd(momentum=β)`); None: plain steps",
     ),
     Option(
         "guard",
@@ -205,6 +220,7 @@ class Options:
     inner_steps: int = _BY_NAME["inner_steps"].default
     step_rule: StepRule = _BY_NAME["step_rule"].default
     polyak_cap: float | None = _BY_NAME["polyak_cap"].default
+    inner_momentum: float | None = _BY_NAME["inner_momentum"].default
     guard: float | None = _BY_NAME["guard"].default
     loss_form: LossForm = _BY_NAME["loss_form"].default
     distance: Distance = _BY_NAME["distance"].default

@@ -93,6 +93,10 @@ class NoetherWrapper(nn.Module):
         polyak_cap: a Polyak step moves the adapted parameters by at most this fraction of their
             norm (the affines' identity's norm on the affine path), so a vanishing gradient with
             a non-zero loss (a saturated ``g``) never gives an unbounded step; None: uncapped.
+        inner_momentum: β in [0, 1), or None: heavy-ball momentum on the inner steps, each
+            step adding β times the previous step (as higher's and torchopt's
+            ``sgd(momentum=β)``; with the Polyak rule each step's own length is the rule's).
+            Changes nothing at ``inner_steps = 1``.
         guard: τ > 0, or None (off). Per sequence, the tailored prediction is replaced by the
             untailored one where the tailored rollout moved from the plain rollout by more than
             τ times the plain rollout's own displacement from its start
@@ -159,6 +163,7 @@ class NoetherWrapper(nn.Module):
     # The options, read and written as attributes (checked on assignment, see __setattr__).
     inner_steps: int
     polyak_cap: float | None
+    inner_momentum: float | None
     guard: float | None
     step_horizon: int | None
     loss_form: LossForm
@@ -201,6 +206,7 @@ class NoetherWrapper(nn.Module):
         per_sample_path: PerSamplePath = "auto",
         step_control: StepControl = "none",
         polyak_cap: float | None = Options.polyak_cap,
+        inner_momentum: float | None = None,
         guard: float | None = None,
         step_horizon: int | None = None,
     ) -> None:

@@ -44,8 +44,11 @@ def tailor_reference(
     per_sample: bool = True,
     rule: str = "fixed",
     cap: float | None = None,
+    momentum: float | None = None,
 ) -> Tensor:
     """Tailored predictions ``(batch, horizon, d)``, differentiable in every argument.
+
+    ``momentum`` β: the heavy ball, ``θ_{t+1} = θ_t − η_t ∇L_t + β (θ_t − θ_{t−1})``.
 
     ``rule="polyak"``: each step is ``lr * L / |grad L|^2`` along the gradient (``L`` the
     sequence's loss, or the batch mean for a shared step); with ``cap``, at most
@@ -66,15 +69,21 @@ def tailor_reference(
     if per_sample:
         outs = []
         for b in range(x0.shape[0]):
-            params = list(model)
+            params, before = list(model), list(model)
             for _ in range(steps):
                 loss = sequence_loss(emb, x0[b], rollout(params, x0[b], horizon), form)
                 grads = list(torch.autograd.grad(loss, params, create_graph=True))
                 eta = size(loss, grads)
-                params = [p - eta * g for p, g in zip(params, grads)]
+                params, before = (
+                    [
+                        p - eta * g + (momentum or 0.0) * (p - q)
+                        for p, g, q in zip(params, grads, before)
+                    ],
+                    params,
+                )
             outs.append(torch.stack(rollout(params, x0[b], horizon)))
         return torch.stack(outs)
-    params = list(model)
+    params, before = list(model), list(model)
     for _ in range(steps):
         losses = [
             sequence_loss(emb, x0[b], rollout(params, x0[b], horizon), form)
@@ -83,7 +92,10 @@ def tailor_reference(
         mean = torch.stack(losses).mean()
         grads = list(torch.autograd.grad(mean, params, create_graph=True))
         eta = size(mean, grads)
-        params = [p - eta * g for p, g in zip(params, grads)]
+        params, before = (
+            [p - eta * g + (momentum or 0.0) * (p - q) for p, g, q in zip(params, grads, before)],
+            params,
+        )
     return torch.stack([torch.stack(rollout(params, x0[b], horizon)) for b in range(x0.shape[0])])
 
 

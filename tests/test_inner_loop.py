@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from noether_wrap import NoetherWrapper, Rollout
+from noether_wrap import Affine, NoetherWrapper, Rollout
 from noether_wrap._inner import lowrank
 from noether_wrap.embeddings import MLPEmbedding
 
-from conftest import gradcheck_weight_and_step, make_net
+from conftest import copy_weights, gradcheck_weight_and_step, make_net
 from reference import tailor_reference
 
 PATHS = [(True, "lowrank"), (True, "vmap"), (False, "auto")]
@@ -372,3 +372,60 @@ def test_tailored_model_reproduces_forward_with_keep_if_better(per_sample: bool)
             copy = net.tailored_model(x, index=i)
             torch.testing.assert_close(copy(x[i : i + 1]), info.prediction[i : i + 1])
     assert 0 < int(kept.sum()) < 6  # both kinds of sequence are in the batch
+
+
+# --- inner momentum: one transform, every path ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("per_sample", "path", "rule"),
+    [(False, "auto", "fixed"), (True, "lowrank", "fixed"), (True, "vmap", "fixed"),
+     (True, "lowrank", "polyak"), (False, "auto", "polyak")],
+)  # fmt: skip
+def test_inner_momentum_matches_a_heavy_ball_reference(
+    per_sample: bool, path: str, rule: str
+) -> None:
+    horizon, steps, beta = 4, 3, 0.7
+    net = make_net(
+        horizon=horizon, inner_steps=steps, per_sample=per_sample, per_sample_path=path,
+        inner_lr=0.2 if rule == "fixed" else 0.5, step_rule=rule, polyak_cap=None,
+        inner_momentum=beta,
+    )  # fmt: skip
+    x = torch.randn(5, 2, dtype=torch.float64)
+    step, emb = net.model.step, net.embedding.net
+    model_params = [step[0].weight, step[0].bias, step[2].weight, step[2].bias]
+    emb_params = [emb[0].weight, emb[0].bias, emb[2].weight, emb[2].bias]
+    ours = net(x)
+    ref = tailor_reference(
+        model_params, emb_params, net.log_inner_lr, x, horizon=horizon, steps=steps,
+        per_sample=per_sample, rule=rule, momentum=beta,
+    )  # fmt: skip
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    plain = tailor_reference(
+        model_params, emb_params, net.log_inner_lr, x, horizon=horizon, steps=steps,
+        per_sample=per_sample, rule=rule,
+    )  # fmt: skip
+    assert float((ref - plain).detach().abs().max()) > 1e-6  # momentum changes the steps after the first
+    target = torch.randn(5, horizon, 2, dtype=torch.float64)
+    params = [*model_params, *emb_params, net.log_inner_lr]
+    g_ours = torch.autograd.grad(((ours - target) ** 2).mean(), params)
+    g_ref = torch.autograd.grad(((ref - target) ** 2).mean(), params)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_inner_momentum_is_nothing_at_one_step_and_checked() -> None:
+    x = torch.randn(4, 2, dtype=torch.float64)
+    plain = make_net(inner_steps=1)
+    heavy = make_net(inner_steps=1, inner_momentum=0.9)
+    copy_weights(heavy, plain)
+    torch.testing.assert_close(heavy(x), plain(x), rtol=0, atol=0)
+    for bad in (1.0, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match="inner_momentum"):
+            make_net(inner_momentum=bad)
+    # the affine path composes with it too (its directions are additive like every path's)
+    affine = make_net(inner_steps=3, adapt=Affine("step.0"), inner_momentum=0.9)
+    still = make_net(inner_steps=3, adapt=Affine("step.0"))
+    copy_weights(still, affine)
+    assert affine.last_path is None and not torch.equal(affine(x), still(x))
+    assert affine.last_path == "affine"

@@ -67,6 +67,8 @@ class Call:
     max_grad_norm: float | None
     #: The Polyak cap: ``‖Δθ‖ <= polyak_cap * stepper.size()`` per row and step (None: uncapped).
     polyak_cap: float | None
+    #: Heavy-ball momentum β on the inner steps (None: plain steps).
+    momentum: float | None
     #: The prediction guard τ (None: off) and ``(inputs, plain, tailored) -> (batch,)``, how far
     #: each tailored rollout moved from the plain one relative to the plain one's displacement.
     guard: float | None

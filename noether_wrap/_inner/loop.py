@@ -1,14 +1,18 @@
-"""THE inner loop: k steps of one set of step transforms over a path-specific stepper.
+"""THE inner loop: k steps of one chain of step transforms over a path-specific stepper.
 
 Every path (shared, vmap, low-rank, affine) runs :func:`run`. A path supplies a
-:class:`Stepper`, which only knows how to take a gradient at a point and how to move along it;
-everything that decides *how far* to move is here, written once:
+:class:`Stepper`, which only knows how to take a gradient at a point and how to move along a
+direction; everything that decides *where* to move is here, written once, and applied in this
+order at every inner step (optax's ``chain`` of gradient transformations, stated per row):
 
 1. the step rule (:data:`RULES`): ``"fixed"`` (``lr``) or ``"polyak"`` (``lr · L / ‖∇L‖²``);
-2. the step transforms (:data:`TRANSFORMS`): the Polyak cap, clipping (per row);
-3. the finite mask (a row whose loss or gradient is non-finite is flagged);
-4. backtracking (:func:`backtrack`), whose decisions are constants in the backward;
-5. the prediction guard (:func:`guard`), per sequence, on the result.
+2. the scale transforms (:data:`TRANSFORMS`): the Polyak cap, clipping (per row);
+3. momentum (:func:`heavy_ball`): the step's moves, this gradient's and β times the last step's;
+4. backtracking (:func:`backtrack`) of the whole step, whose decisions are constants in the
+   backward;
+5. the finite mask (a row whose loss or gradient is non-finite is flagged for recovery);
+
+and on the result, the prediction guard (:func:`guard`), per sequence.
 
 A *row* is what one decision is about: one sequence on the per-sequence paths (low-rank, per-sample
 affines), the whole batch on a shared step (its mean loss), and the one sequence a ``vmap`` lane
@@ -144,6 +148,29 @@ STEP_RULES: tuple[str, ...] = tuple(RULES)
 TRANSFORMS = (polyak_cap, clip)
 
 
+#: One move of a step: a path's direction and its per-row scale ``(rows,)``; the stepper moves by
+#: ``-scale * direction``.
+Move = tuple[Any, Tensor]
+
+
+def heavy_ball(call: Call, direction: Any, scale: Tensor, previous: list[Move]) -> list[Move]:
+    """This step's moves: ``scale`` along this gradient and, with ``call.momentum`` β, β times
+    each move of the previous step, so ``θ_{t+1} = θ_t − s_t ∇L_t + β (θ_t − θ_{t−1})`` (the
+    heavy ball; with a constant ``s`` it is torchopt's ``sgd(momentum=β)``). A path's
+    directions are additive updates, so a past direction can be moved along again."""
+    moves = [(direction, scale)]
+    if call.momentum:
+        moves += [(d, s * call.momentum) for d, s in previous]
+    return moves
+
+
+def apply_moves(stepper: Stepper[State], point: State, moves: list[Move]) -> State:
+    """``point`` moved by every move of a step."""
+    for direction, scale in moves:
+        point = stepper.step(point, direction, scale)
+    return point
+
+
 def step_size(call: Call, loss: Tensor, squared_norm: Tensor, size: Tensor | None) -> Tensor:
     """Each row's step length along its gradient, ``(rows,)``: the rule, then each of
     :data:`TRANSFORMS` (the Polyak cap, clipping)."""
@@ -164,27 +191,22 @@ def _rows_finite(values: Tensor, per_row: bool) -> Tensor:
 
 
 def backtrack(
-    call: Call,
-    stepper: Stepper[State],
-    point: State,
-    direction: Any,
-    scale: Tensor,
-    before: Tensor,
+    call: Call, stepper: Stepper[State], point: State, moves: list[Move], before: Tensor
 ) -> Tensor:
-    """``(rows,)`` fractions of this step to take: per row the first of ``BACKTRACKS`` whose
-    step keeps the row's loss at or below ``before``, else 0 (no step).
+    """``(rows,)`` fractions of this step (all of its ``moves``) to take: per row the first of
+    ``BACKTRACKS`` whose step keeps the row's loss at or below ``before``, else 0 (no step).
 
     Decided without autograd, so the fractions enter the step as constants, as a line search's
     decisions do; per row, so a sequence's decision never depends on the rest of its batch.
     """
     with torch.no_grad():
         before = before.detach()
-        scale = scale.detach()
+        fixed = [(d, s.detach()) for d, s in moves]
         chosen = torch.zeros_like(before)
         accepted = torch.zeros_like(before, dtype=torch.bool)
         for fraction in BACKTRACKS:
             trial_fraction = torch.where(accepted, chosen, torch.full_like(chosen, fraction))
-            trial = stepper.step(point, direction, scale * trial_fraction)
+            trial = apply_moves(stepper, point, [(d, s * trial_fraction) for d, s in fixed])
             after = _decided(call.noether_loss(stepper.rollout(trial)), stepper.per_row)
             newly = ~accepted & (after <= before)  # a non-finite trial is never accepted
             chosen = torch.where(newly, torch.full_like(chosen, fraction), chosen)
@@ -241,6 +263,7 @@ def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
     ok: Tensor | None = None
     initial: Tensor | None = None
     plain: Tensor | None = None  # the untailored rollout
+    moves: list[Move] = []  # the last step's, for momentum
     for i in range(call.steps):
         progress.step = i
         gradient = stepper.gradient(state)
@@ -253,11 +276,11 @@ def run(call: Call, stepper: Stepper[State], progress: Progress) -> InnerResult:
         ok = flags if ok is None else ok & flags
         size = stepper.size(gradient.point) if call.caps_polyak else None
         scale = step_size(call, decided, gradient.squared_norm, size)
+        moves = heavy_ball(call, gradient.direction, scale, moves)
         if call.step_control == "backtrack":
-            scale = scale * backtrack(
-                call, stepper, gradient.point, gradient.direction, scale, decided
-            )
-        state = stepper.step(gradient.point, gradient.direction, scale)
+            fraction = backtrack(call, stepper, gradient.point, moves, decided)
+            moves = [(d, s * fraction) for d, s in moves]
+        state = apply_moves(stepper, gradient.point, moves)
     progress.step = call.steps
     assert initial is not None and ok is not None
     if call.predict is not None:
