@@ -51,11 +51,13 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("ratio_in_range", "in-range", ".3f"),
         ("ratio_out_of_range", "out-range", ".3f"),
         ("energy_drift", "H drift", ".3f"),
+        ("bound", "test-best*", ".3f"),
     ],
     "spring": [
         ("ratio_in_range", "in-range", ".3f"),
         ("ratio_out_of_range", "out-range", ".3f"),
         ("energy_drift", "H drift", ".3f"),
+        ("bound", "test-best*", ".3f"),
     ],
     "ising": [
         ("m_drift", "M drift", ".4f"),
@@ -95,7 +97,8 @@ def is_table_only(report: Any) -> bool:
     benchmark's timings, the newcomer's per-seed figures (no bootstrap), or the real pendulum
     split in time (its table is recomputed from its raw per-window errors)."""
     return isinstance(report, Mapping) and (
-        bool(report.get("benchmark")) or report.get("example") in ("newcomer", "real_blocks")
+        bool(report.get("benchmark"))
+        or report.get("example") in ("newcomer", "real_blocks", "precision")
     )
 
 
@@ -493,6 +496,30 @@ def blocks_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def precision_table(report: Mapping[str, Any]) -> str:
+    """docs/learning-g.md's precision ladder from ``experiments/precision.py``'s JSON: per
+    system and g, per data seed, the diagnostic's share and drift ratio and the test-set best of
+    Polyak tailoring with it (a bound), as stored."""
+    lines = [
+        "| system | g | share (per data seed) | drift ratio | verdict | test-best* |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for system, seeds in report["systems"].items():
+        names = list(next(iter(seeds.values())))
+        for name in names:
+            cells = [seeds[s][name] for s in seeds]
+
+            def column(key: str, cells: list[Any] = cells) -> str:
+                return ", ".join(f"{c[key]:.3f}" for c in cells)
+
+            verdicts = " / ".join(sorted({c["verdict"] for c in cells}))
+            lines.append(
+                f"| {system} | {name} | {column('share')} | {column('drift_ratio')} | "
+                f"{verdicts} | {column('bound')} |"
+            )
+    return "\n".join(lines)
+
+
 #: ``NAME.kind`` table kinds, each built from the one report ``NAME.json``.
 KINDS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "curves": curves_table,
@@ -520,6 +547,8 @@ def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
         return newcomer_table(report)
     if report.get("example") == "real_blocks":
         return blocks_table(report)
+    if report.get("example") == "precision":
+        return precision_table(report)
     if report.get("benchmark") == "tailoring":
         return tailoring_table(report)
     if report.get("benchmark") == "compat":

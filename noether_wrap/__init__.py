@@ -3,6 +3,7 @@
 from noether_wrap import embeddings, validation
 from noether_wrap._inner import Affine
 from noether_wrap.conservation import ConservedFit, conservation_loss, fit_conserved
+from noether_wrap.diagnostics import Diagnosis, diagnose
 from noether_wrap.loss import noether_loss
 from noether_wrap.rollout import Rollout
 from noether_wrap.tuning import (
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Affine",
     "ConservedFit",
+    "Diagnosis",
     "NoetherWrapper",
     "Rollout",
     "TailorOutput",
@@ -32,6 +34,7 @@ __all__ = [
     "TuningWarning",
     "__version__",
     "conservation_loss",
+    "diagnose",
     "embeddings",
     "fit_conserved",
     "noether_loss",

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from noether_wrap._checks import check_int, check_positive_float
 from noether_wrap._scatter import scatter, whiten
+from noether_wrap.diagnostics import Diagnosis, diagnose
 from noether_wrap.embeddings import FeatureLibrary, Standardized
 from noether_wrap.loss import embed, stack_windows
 
@@ -288,6 +289,13 @@ class ConservedFit(NamedTuple):
     steps: int = 0
     best_step: int = 0
     held_out: list[float] | None = None
+
+    def diagnose(
+        self, model: Callable[[Tensor], Tensor], states: Tensor, targets: Tensor, **kwargs: Any
+    ) -> Diagnosis:
+        """Whether this ``g`` is precise enough to help ``model``: see
+        :func:`noether_wrap.diagnostics.diagnose` (``kind``, ``dt``, ``warn_if_not``)."""
+        return diagnose(self.embedding, model, states, targets, **kwargs)
 
 
 def fit_conserved(

@@ -405,7 +405,9 @@ def test_inner_momentum_matches_a_heavy_ball_reference(
         model_params, emb_params, net.log_inner_lr, x, horizon=horizon, steps=steps,
         per_sample=per_sample, rule=rule,
     )  # fmt: skip
-    assert float((ref - plain).detach().abs().max()) > 1e-6  # momentum changes the steps after the first
+    assert (
+        float((ref - plain).detach().abs().max()) > 1e-6
+    )  # momentum changes the steps after the first
     target = torch.randn(5, horizon, 2, dtype=torch.float64)
     params = [*model_params, *emb_params, net.log_inner_lr]
     g_ours = torch.autograd.grad(((ours - target) ** 2).mean(), params)
