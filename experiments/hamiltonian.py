@@ -609,11 +609,7 @@ def main(system: System, doc: str) -> None:
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny run for tests")
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--data-seeds", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="first model seed")
-    parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
+    protocol.add_run_arguments(parser)
     parser.add_argument("--sampler", choices=["hnn", "wide"], default="hnn")
     parser.add_argument(
         "--meta",
@@ -636,15 +632,9 @@ def main(system: System, doc: str) -> None:
         "by 5-fold cross-validation over them; extrapolation: the 5 highest-energy training "
         "trajectories validate, everything is fitted on the other 20",
     )
-    protocol.add_threads_argument(parser)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    protocol.set_threads(args.threads)
+    seeds, data_seeds = protocol.run_seeds(args)
     start = time.perf_counter()
-    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
-    seeds = list(range(args.seed, args.seed + n_seeds))
-    data_seeds = list(range(args.data_seed, args.data_seed + args.data_seeds))
     cfg = Settings(
         vanilla_steps=100 if args.quick else 2000,
         g_steps=100 if args.quick else 2000,
@@ -956,7 +946,4 @@ def plot_phase(run: dict[str, Any], data: Data, path: Path) -> None:
         ax.set_xlabel("q")
     axes[0].set_ylabel("p")
     fig.suptitle("test rollouts (grey: truth), first data and model seed")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    protocol.save_figure(fig, path)

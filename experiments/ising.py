@@ -522,38 +522,25 @@ def plot(data: Data, preds: dict[str, Tensor], path: Path) -> None:
     ax.set_ylabel("|M(pred) - M(x0)| per site")
     ax.set_title("magnetisation drift, first data and model seed")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    protocol.save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true")
+    protocol.add_run_arguments(parser)
     parser.add_argument("--dynamics", choices=["kawasaki", "q2r"], default="kawasaki")
     parser.add_argument("--size", type=int, default=16, help="lattice side L (a multiple of 4)")
     parser.add_argument("--horizon", type=int, default=20, help="predicted sweeps T")
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--data-seeds", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
-    protocol.add_threads_argument(parser)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
-    protocol.set_threads(args.threads)
+    seeds, data_seeds = protocol.run_seeds(args)
     if args.size < 4 or args.size % 4:
         parser.error(f"--size must be a positive multiple of 4, got {args.size}")
     if args.horizon < 1:
         parser.error(f"--horizon must be positive, got {args.horizon}")
     start = time.perf_counter()
     quick = args.quick
-    n_seeds = args.seeds if args.seeds is not None else (1 if quick else 2)
-    seeds = list(range(args.seed, args.seed + n_seeds))
-    data_seeds = list(range(args.data_seed, args.data_seed + args.data_seeds))
     cfg = Settings(
         one_step=30 if quick else 1500,
         rollout=5 if quick else 300,

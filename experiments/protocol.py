@@ -510,6 +510,39 @@ def add_threads_argument(parser: Any) -> None:
     )
 
 
+def add_run_arguments(parser: Any) -> None:
+    """The arguments every seeded experiment takes: ``--quick``, ``--data-seed(s)``,
+    ``--seed(s)`` (model seeds: 2, or 1 with ``--quick``), ``--threads``, ``--json``, ``--plot``.
+    Add the experiment's own after it; read the seeds with :func:`run_seeds`."""
+    parser.add_argument("--quick", action="store_true", help="a smoke run, for the tests")
+    parser.add_argument("--data-seed", type=int, default=0, help="first data seed")
+    parser.add_argument("--data-seeds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="first model seed")
+    parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
+    add_threads_argument(parser)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+
+
+def run_seeds(args: Any) -> tuple[list[int], list[int]]:
+    """``(model seeds, data seeds)`` from :func:`add_run_arguments`' arguments; sets the
+    thread count as a side effect (every experiment's first act)."""
+    set_threads(args.threads)
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
+    seeds = list(range(args.seed, args.seed + n_seeds))
+    return seeds, list(range(args.data_seed, args.data_seed + args.data_seeds))
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write (80 dpi, the parent folders made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def set_threads(threads: int) -> None:
     """``torch.set_num_threads(threads)``, at startup, before any work."""
     if threads < 1:

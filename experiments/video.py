@@ -448,26 +448,16 @@ def plot(run: dict[str, Any], clips: Clips, path: Path) -> None:
     ax.set_xlabel("predicted frame")
     ax.set_ylabel("frame MSE")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    protocol.save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--data-seeds", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=None, help="model seeds (2; --quick 1)")
-    protocol.add_threads_argument(parser)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    protocol.add_run_arguments(parser)
     args = parser.parse_args()
-    protocol.set_threads(args.threads)
+    seeds, data_seeds = protocol.run_seeds(args)
     start = time.perf_counter()
     quick = args.quick
     cfg = Settings(
@@ -478,9 +468,6 @@ def main() -> None:
         lr=1e-3,
         g_steps=10 if quick else 300,
     )
-    n_seeds = args.seeds if args.seeds is not None else (1 if quick else 2)
-    seeds = list(range(args.seed, args.seed + n_seeds))
-    data_seeds = list(range(args.data_seed, args.data_seed + args.data_seeds))
     runs = []
     for data_seed in data_seeds:
         gen = torch.Generator().manual_seed(data_seed)
