@@ -18,7 +18,7 @@ and the ideal spring (experiments/precision.py, docs/learning-g.md), on a ladder
 between the true energy and a learned one, every ``g`` with a share of at least
 :data:`SHARE_TO_HELP` left a gain of at least 40 % of the true energy's on the test set (at the
 test set's best step: a bound), and none below :data:`SHARE_NO_HELP` left more than 0.5 %; in
-between it depended on how much of the model's error was energy error (from 0.5 % to 15 %).
+between it depended on how much of the model's error was energy error (from 0 % to 30 %).
 """
 
 from __future__ import annotations
