@@ -51,6 +51,10 @@ STATE, HORIZON, LR, GAMMA = 16, 20, 1e-2, 0.5
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("higher", "torchopt")}
 
 
+#: Where the timing cells run (``--device``); memory is measured on the CPU only.
+DEVICE = "cpu"
+
+
 def build(hidden: int, batch: int, seed: int = 0) -> tuple[Rollout, nn.Module, Tensor, Tensor]:
     torch.manual_seed(seed)
     step = nn.Sequential(
@@ -61,10 +65,10 @@ def build(hidden: int, batch: int, seed: int = 0) -> tuple[Rollout, nn.Module, T
         nn.Linear(hidden, STATE),
     )
     return (
-        Rollout(step, HORIZON),
-        MLPEmbedding(STATE, 4, hidden=32),
-        torch.randn(batch, STATE),
-        torch.randn(batch, HORIZON, STATE),
+        Rollout(step.to(DEVICE), HORIZON),
+        MLPEmbedding(STATE, 4, hidden=32).to(DEVICE),
+        torch.randn(batch, STATE, device=DEVICE),
+        torch.randn(batch, HORIZON, STATE, device=DEVICE),
     )
 
 
@@ -158,16 +162,21 @@ def run_once(
     train: bool,
     params: list[nn.Parameter],
 ) -> float:
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     if train:
         loss = ((fn(x, True) - target) ** 2).mean()
         loss.backward()
-        for p in params:
-            p.grad = None
     else:
         with torch.no_grad():
             fn(x, False)
-    return time.perf_counter() - start
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    for p in params:
+        p.grad = None
+    return seconds
 
 
 def time_cell(
@@ -258,6 +267,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the timing cells")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--hidden", type=_ints, default=[128, 512], help="e.g. 128,512")
     parser.add_argument("--batch", type=_ints, default=[16, 256], help="e.g. 16,256")
@@ -276,6 +286,8 @@ def main() -> None:
     start = time.perf_counter()
     warnings_off()
     protocol.set_threads(args.threads)
+    global DEVICE
+    DEVICE = args.device
     grid = list(itertools.product(args.hidden, args.batch, args.k))
     grid = [(32, 8, 1)] if args.quick else grid
     grid = [] if args.no_timing else grid
@@ -317,7 +329,7 @@ def main() -> None:
                 flush=True,
             )
     memory: dict[str, object] = {}
-    if not args.no_memory:
+    if not args.no_memory and args.device == "cpu":
         h, b = (32, 8) if args.quick else (512, 256)
         ks = (1, 2) if args.quick else (1, 2, 4, 8)
         names = ["hand", "shared", "lowrank"] + ([] if args.quick else ["vmap"])
@@ -345,6 +357,7 @@ def main() -> None:
             "gamma": GAMMA,
             "reps": reps,
             "clock": "time.perf_counter (wall), repetitions interleaved across methods",
+            "device": DEVICE,
             "processor": platform.processor() or platform.machine(),
         },
         "timings": results,
