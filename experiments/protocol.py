@@ -1,5 +1,5 @@
-"""The evaluation protocol every example reports with (../shared/EVALUATION.md in the repo's
-steering notes; summarised in docs/evaluation.md): per-sequence errors, ratios to vanilla with
+"""The evaluation protocol every experiment reports with (README's "Results" says what each table
+shows; docs/pendulum.md#setting walks through one): per-sequence errors, ratios to vanilla with
 bootstrap intervals over test sequences and seeds, the worst-sequence share, embedding metrics,
 one JSON shape and one table.
 
