@@ -1,16 +1,21 @@
 """Running one tailoring call: the path, its fallbacks, non-finite recovery, errors that say what
 to do, and the warnings a user must see. :class:`~noether_wrap.NoetherWrapper` is a facade over
-:func:`run_call`; the steps themselves are :mod:`noether_wrap._inner`'s one loop.
+:func:`run_call`: it hands the engine a :class:`Job` (what a call reads: the model, ``g``, the
+options, the step) and records what the engine decided in it (the path taken, the horizon, the
+once-only warnings raised); the engine never sees the wrapper. The steps themselves are
+:mod:`noether_wrap._inner`'s one loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,13 +26,39 @@ from noether_wrap._options import Options
 from noether_wrap._warn import warn
 from noether_wrap.loss import as_reference_frames, per_sequence_noether_loss
 
-if TYPE_CHECKING:
-    from noether_wrap.wrapper import NoetherWrapper, TailorOutput
-
 Runner = Callable[[Call, Params, Progress], InnerResult]
 
 #: A tailored Noether loss this many times the untailored one counts as a diverged step.
 DIVERGED = 1e3
+
+
+@dataclass
+class Job:
+    """One call as the engine sees it: what it reads (set by the facade) and what it decided
+    (set by the engine, recorded by the facade afterwards)."""
+
+    model: nn.Module
+    embedding: Callable[[Tensor], Tensor]
+    options: Options
+    #: The step's log (a Parameter when learned).
+    log_inner_lr: Tensor
+    #: The adapted parameters' names, in the model's order.
+    adapted: tuple[str, ...]
+    #: The wrapper is in training mode.
+    training: bool
+    #: Once-only warnings already raised by this wrapper (and, after the call, by it).
+    warned: set[str]
+    #: Decided: the path the call took (None: no inner steps ran).
+    path: str | None = None
+    #: Decided: the horizon the call's Noether loss read, and whether a prediction call saw it.
+    horizon: int | None = None
+    saw_horizon: bool = False
+    #: Decided: the horizon a learned step trained at (to record as ``step_horizon``).
+    learned_horizon: int | None = None
+
+    @property
+    def inner_lr(self) -> float:
+        return float(self.log_inner_lr.exp())
 
 
 class PathUnsupported(ValueError):
@@ -136,7 +167,7 @@ def move_fn(options: Options) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]
 def run_call(
-    net: NoetherWrapper,
+    job: Job,
     inputs: Tensor,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -151,7 +182,7 @@ def run_call(
 
     ``materialise`` asks for a path that returns the adapted weights; ``forward`` marks a
     prediction call, which updates the model's buffers as one unwrapped call would and warns
-    about diverged steps. Records the path in ``net.last_path``.
+    about diverged steps. Records the path in ``job.path``.
 
     Runs eagerly under ``torch.compile`` (a graph break): compiling one wrapper and then another
     of different options returned the first one's tailoring (measured in torch 2.13: a second,
@@ -167,29 +198,29 @@ def run_call(
             args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
             kwargs = {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
         horizons: list[int] = []
-        call = _make_call(net, inputs, args, kwargs, steps, need_final_loss, horizons)
-        result = _run(net, call, materialise)
+        call = _make_call(job, inputs, args, kwargs, steps, need_final_loss, horizons)
+        result = _run(job, call, materialise)
     if forward:
-        _write_back_buffers(net.model, result.buffers)
-        if net.options.keep_if_better:
+        _write_back_buffers(job.model, result.buffers)
+        if job.options.keep_if_better:
             better = result.losses[:, -1] < result.losses[:, 0]
             result = result._replace(prediction=select(better, result.prediction, result.initial))
-        _warn_if_diverged(net.options, result)
+        _warn_if_diverged(job.options, result)
         _warn_if_blown_up(result)
-        _check_horizon(net, horizons[0] if horizons else None)
+        _check_horizon(job, horizons[0] if horizons else None)
     return result
 
 
-def _run(net: NoetherWrapper, call: Call, materialise: bool) -> InnerResult:
+def _run(job: Job, call: Call, materialise: bool) -> InnerResult:
     """The path's run, its low-rank fallback, non-finite recovery and error translation."""
-    options = net.options
-    selected = set(net.adapted_names())
-    params: Params = {n: p for n, p in net.model.named_parameters() if n in selected}
+    options = job.options
+    selected = set(job.adapted)
+    params: Params = {n: p for n, p in job.model.named_parameters() if n in selected}
     progress = Progress()
-    path, runner = choose_path(net, list(params), materialise)
+    path, runner = choose_path(job, list(params), materialise)
     try:
         try:
-            with _slow_vmap_watch(net, path):
+            with _slow_vmap_watch(job, path):
                 result = runner(call, params, progress)
         except _inner.Unsupported as why:
             if options.per_sample_path == "lowrank":
@@ -199,7 +230,7 @@ def _run(net: NoetherWrapper, call: Call, materialise: bool) -> InnerResult:
                 ) from None
             path, runner = "vmap", _inner.tailor_vmap
             progress = Progress()
-            with _slow_vmap_watch(net, path):
+            with _slow_vmap_watch(job, path):
                 result = runner(call, params, progress)
         if not bool(result.ok.all()):
             result = _recover(call, runner, params, result)
@@ -212,24 +243,24 @@ def _run(net: NoetherWrapper, call: Call, materialise: bool) -> InnerResult:
         )
         raise RuntimeError(f"NoetherWrapper: tailoring failed {where}: {error}") from error
     finally:
-        net.last_path = path
-    _warn_if_no_op(net, result)
+        job.path = path
+    _warn_if_no_op(job, result)
     return result
 
 
 def _make_call(
-    net: NoetherWrapper, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
+    job: Job, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any],
     steps: int, need_final_loss: bool, horizons: list[int] | None = None,
 ) -> Call:  # fmt: skip
-    options = net.options
+    options = job.options
     differentiable = torch.is_grad_enabled()
-    lr = net.log_inner_lr.exp()
+    lr = job.log_inner_lr.exp()
     predict = options.predict
     return Call(
-        model=net.model,
-        predict=None if predict is None else _inner.Bound(net.model, predict),
-        buffers=dict(net.model.named_buffers()),
-        loss=noether_loss_fn(options, net.embedding, horizons),
+        model=job.model,
+        predict=None if predict is None else _inner.Bound(job.model, predict),
+        buffers=dict(job.model.named_buffers()),
+        loss=noether_loss_fn(options, job.embedding, horizons),
         inputs=inputs,
         args=args,
         kwargs=kwargs,
@@ -248,9 +279,9 @@ def _make_call(
     )
 
 
-def choose_path(net: NoetherWrapper, names: list[str], materialise: bool) -> tuple[str, Runner]:
+def choose_path(job: Job, names: list[str], materialise: bool) -> tuple[str, Runner]:
     """The path for this call, by the registry's capabilities and the options."""
-    options = net.options
+    options = job.options
     if isinstance(options.adapt, Affine):
         runner = functools.partial(
             _inner.tailor_affine, spec=options.adapt, per_sample=options.per_sample
@@ -266,10 +297,10 @@ def choose_path(net: NoetherWrapper, names: list[str], materialise: bool) -> tup
             )
         return "vmap", _inner.tailor_vmap
     if options.per_sample_path != "vmap" and not materialise:
-        layers = _inner.supported_layers(net.model, names)
+        layers = _inner.supported_layers(job.model, names)
         auto_ok = layers is not None and (
             options.per_sample_path == "lowrank"
-            or all(type(net.model.get_submodule(n)) is nn.Linear for n in layers)
+            or all(type(job.model.get_submodule(n)) is nn.Linear for n in layers)
         )
         if layers is not None and auto_ok:
             return "lowrank", functools.partial(_inner.tailor_lowrank, layer_spec=layers)
@@ -402,7 +433,7 @@ _SLOW_VMAP = "performance drop because we have not yet implemented the batching 
 
 
 @contextlib.contextmanager
-def _slow_vmap_watch(net: NoetherWrapper, path: str) -> Iterator[None]:
+def _slow_vmap_watch(job: Job, path: str) -> Iterator[None]:
     """On the ``vmap`` path, turn torch's generic "performance drop" warnings (an operator
     without a batching rule runs one sequence at a time) into one warning per wrapper that names
     the fast ways; every other warning passes through unchanged."""
@@ -414,18 +445,18 @@ def _slow_vmap_watch(net: NoetherWrapper, path: str) -> Iterator[None]:
             warnings.simplefilter("always")
             yield
     finally:
-        _pass_on(net, caught)
+        _pass_on(job, caught)
 
 
-def _pass_on(net: NoetherWrapper, caught: list[warnings.WarningMessage]) -> None:
+def _pass_on(job: Job, caught: list[warnings.WarningMessage]) -> None:
     """Re-issue what :func:`_slow_vmap_watch` recorded, the slow-fallback ones as one."""
     slow = sorted({str(w.message).split("rule for ")[-1].split(".")[0] for w in caught
                    if _SLOW_VMAP in str(w.message)})  # fmt: skip
     for w in caught:
         if _SLOW_VMAP not in str(w.message):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if slow and not net._warned_slow_vmap:
-        net._warned_slow_vmap = True
+    if slow and "slow_vmap" not in job.warned:
+        job.warned.add("slow_vmap")
         warn(
             f"NoetherWrapper: per-sample tailoring runs through vmap, which has no batching rule "
             f"for {', '.join(slow)} and runs it one sequence at a time (slow: an RNN cell "
@@ -437,17 +468,17 @@ def _pass_on(net: NoetherWrapper, caught: list[warnings.WarningMessage]) -> None
         )
 
 
-def _warn_if_no_op(net: NoetherWrapper, result: InnerResult) -> None:
+def _warn_if_no_op(job: Job, result: InnerResult) -> None:
     """Warn (once per wrapper) when the inner steps left the prediction exactly as it was
     although the Noether loss was not zero: the adapted parameters do not reach the loss."""
     # backtracking may reject every step, and the guard every prediction, by design
-    held_back = net.options.step_control == "backtrack" or net.options.guard is not None
-    if held_back or net._warned_no_op or result.prediction.shape != result.initial.shape:
+    held_back = job.options.step_control == "backtrack" or job.options.guard is not None
+    if held_back or "no_op" in job.warned or result.prediction.shape != result.initial.shape:
         return
     moved = not torch.equal(result.prediction.detach(), result.initial.detach())
     if moved or not bool((result.losses[:, 0].detach() > 0).any()):
         return
-    net._warned_no_op = True
+    job.warned.add("no_op")
     warn(
         "NoetherWrapper: the inner steps did not change the prediction although the Noether "
         "loss is not zero: its gradient with respect to the adapted parameters is zero. The "
@@ -543,7 +574,7 @@ def _warn_if_blown_up(result: InnerResult) -> None:
     )
 
 
-def _check_horizon(net: NoetherWrapper, horizon: int | None) -> None:
+def _check_horizon(job: Job, horizon: int | None) -> None:
     """A step is specific to the rollout horizon it was chosen at: record the horizon a learned
     step trains at, and warn once when a call's horizon differs from the recorded one.
 
@@ -552,22 +583,22 @@ def _check_horizon(net: NoetherWrapper, horizon: int | None) -> None:
     fraction helps still changes with the horizon: tuned at 10 on the ideal pendulum and used at
     30 it gave 1.20x vanilla on one data seed (0.70x with ``inner_horizon=10``) and 0.62x on
     another, so both rules warn."""
-    options = net.options
-    net.last_horizon = horizon
+    options = job.options
+    job.horizon, job.saw_horizon = horizon, True
     if horizon is None:
         return
-    learning = net.training and torch.is_grad_enabled() and net.log_inner_lr.requires_grad
+    learning = job.training and torch.is_grad_enabled() and job.log_inner_lr.requires_grad
     if options.step_horizon is None:
         if learning:
-            net.step_horizon = horizon
+            job.learned_horizon = horizon
         return
-    if horizon == options.step_horizon or net._warned_horizon:
+    if horizon == options.step_horizon or "horizon" in job.warned:
         return
-    net._warned_horizon = True
+    job.warned.add("horizon")
     what = (
-        f"fixed step (inner_lr={net.inner_lr:.3g})"
+        f"fixed step (inner_lr={job.inner_lr:.3g})"
         if options.step_rule == "fixed"
-        else f"Polyak fraction (gamma={net.inner_lr:.3g})"
+        else f"Polyak fraction (gamma={job.inner_lr:.3g})"
     )
     why = (
         "the loss and its gradient grow with the horizon, so the step may be too large"
@@ -589,21 +620,20 @@ def select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def untailored(
-    net: NoetherWrapper,
+    job: Job,
     inputs: Tensor,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     return_info: bool,
-) -> Tensor | TailorOutput:
-    """``inner_steps == 0``: exactly the model (or ``predict``), called directly."""
-    from noether_wrap.wrapper import TailorOutput
-
-    predict = net.options.predict
+) -> tuple[Tensor, Tensor | None]:
+    """``inner_steps == 0``: exactly the model (or ``predict``), called directly; with
+    ``return_info``, also the Noether loss ``(batch, 1)`` of its rollout (else None)."""
+    predict = job.options.predict
     try:
         out = (
-            net.model(inputs, *args, **kwargs)
+            job.model(inputs, *args, **kwargs)
             if predict is None
-            else predict(net.model, inputs, *args, **kwargs)
+            else predict(job.model, inputs, *args, **kwargs)
         )
     except RuntimeError as error:
         raise ValueError(
@@ -611,17 +641,17 @@ def untailored(
             f"{error}. Check that the inputs fit the model."
         ) from error
     if not return_info:
-        return out
+        return out, None
     rollout = out
     if predict is not None:  # on clones of the buffers: one call updates statistics once
-        buffers = {n: b.clone() for n, b in net.model.named_buffers()}
-        rollout = torch.func.functional_call(net.model, buffers, (inputs, *args), kwargs)
-    loss = noether_loss_fn(net.options, net.embedding)(inputs, rollout)
-    return TailorOutput(out, out, loss.unsqueeze(1))
+        buffers = {n: b.clone() for n, b in job.model.named_buffers()}
+        rollout = torch.func.functional_call(job.model, buffers, (inputs, *args), kwargs)
+    loss = noether_loss_fn(job.options, job.embedding)(inputs, rollout)
+    return out, loss.unsqueeze(1)
 
 
 def tailor(
-    net: NoetherWrapper,
+    job: Job,
     inputs: Tensor,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -633,16 +663,16 @@ def tailor(
     ``per_sequence``: every entry gets a leading batch dim, and ``keep_if_better`` is applied
     per sequence on a shared step too (what ``tailored_model`` needs to reproduce ``forward``).
     """
-    options = net.options
+    options = job.options
     batch = inputs.shape[0]
-    own: Params = dict(net.model.named_parameters())
+    own: Params = dict(job.model.named_parameters())
     batched = options.per_sample or per_sequence
     if options.inner_steps == 0:
-        base = {n: own[n] for n in net.adapted_names()}
+        base = {n: own[n] for n in job.adapted}
         return {n: p.expand(batch, *p.shape) for n, p in base.items()} if batched else base
     try:
         result: InnerResult = run_call(
-            net,
+            job,
             inputs,
             args,
             kwargs,
@@ -651,7 +681,7 @@ def tailor(
             materialise=True,
         )
     except PathUnsupported:
-        result = _one_by_one(net, inputs, args, kwargs)
+        result = _one_by_one(job, inputs, args, kwargs)
     assert result.params is not None
     params = result.params
     if not batched:
@@ -675,21 +705,21 @@ def tailor(
 
 
 def _one_by_one(
-    net: NoetherWrapper, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    job: Job, inputs: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> InnerResult:
     """Per-sample tailoring as a loop of one-sequence shared steps (exactly the same steps),
     for models ``vmap`` cannot batch."""
     batch = inputs.shape[0]
-    options = net.options
+    options = job.options
     names = tuple(kwargs)
     parts = []
-    object.__setattr__(net, "options", options.replace(per_sample=False))
+    one_job = dataclasses.replace(job, options=options.replace(per_sample=False))
     try:
         for i in range(batch):
             one = torch.tensor([i], device=inputs.device)
             kw = dict(zip(names, _split(tuple(kwargs.values()), one, batch)))
             part: InnerResult = run_call(
-                net,
+                one_job,
                 inputs[i : i + 1],
                 _split(args, one, batch),
                 kw,
@@ -699,7 +729,7 @@ def _one_by_one(
             )
             parts.append(part)
     finally:
-        object.__setattr__(net, "options", options)
+        job.path = one_job.path
     found = [p.params for p in parts if p.params is not None]
     assert len(found) == batch
     return InnerResult(
@@ -718,7 +748,7 @@ def _cat_moves(moves: list[Tensor | None], batch: int) -> Tensor | None:
 
 
 def tailored_model(
-    net: NoetherWrapper,
+    job: Job,
     inputs: Tensor,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -726,9 +756,9 @@ def tailored_model(
 ) -> nn.Module:
     """A plain copy of the model with sequence ``index``'s tailored weights (see
     :meth:`NoetherWrapper.tailored_model`)."""
-    params = tailor(net, inputs, args, kwargs, per_sequence=True)
+    params = tailor(job, inputs, args, kwargs, per_sequence=True)
     batch = inputs.shape[0]
-    differ = net.options.per_sample or net.options.keep_if_better or net.options.guard is not None
+    differ = job.options.per_sample or job.options.keep_if_better or job.options.guard is not None
     if index is None and batch != 1 and differ:
         raise ValueError(
             f"`index` is required for a batch of {batch}: each sequence's tailored weights "
@@ -738,10 +768,10 @@ def tailored_model(
     if not -batch <= i < batch:
         raise ValueError(f"`index` must be in [{-batch}, {batch}), got {index}.")
     one = {n: p[i].detach() for n, p in params.items()}
-    adapt = net.options.adapt
+    adapt = job.options.adapt
     if isinstance(adapt, Affine):
-        return hooked_copy(net.model, adapt, {n: p.reshape(-1) for n, p in one.items()})
-    model = copy.deepcopy(net.model)
+        return hooked_copy(job.model, adapt, {n: p.reshape(-1) for n, p in one.items()})
+    model = copy.deepcopy(job.model)
     with torch.no_grad():
         for name, value in one.items():
             model.get_parameter(name).copy_(value)

@@ -234,9 +234,8 @@ class NoetherWrapper(nn.Module):
         object.__setattr__(self, "options", options)
         self.last_path: str | None = None
         self.last_horizon: int | None = None
-        self._warned_no_op = False
-        self._warned_horizon = False
-        self._warned_slow_vmap = False
+        #: The once-only warnings this wrapper has raised (the engine adds to it).
+        self._warned: set[str] = set()
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
         log_lr = torch.tensor(
             math.log(inner_lr),
@@ -271,7 +270,7 @@ class NoetherWrapper(nn.Module):
                     object.__setattr__(self, "options", before)
                     raise
             if name in ("inner_horizon", "step_rule"):
-                self._warned_horizon = False
+                self._warned.discard("horizon")
             return
         near = near_option(name)
         if near is not None and "_built" in self.__dict__ and name not in self.__dict__:
@@ -305,7 +304,7 @@ class NoetherWrapper(nn.Module):
                 "to keep your own."
             )
         object.__setattr__(self, "options", options)
-        self._warned_horizon = False
+        self._warned.discard("horizon")
 
     @staticmethod
     def _settings_missing(
@@ -390,17 +389,22 @@ class NoetherWrapper(nn.Module):
         steps = self.options.inner_steps if inner_steps is None else inner_steps
         check_int("inner_steps", steps, minimum=0)
         self._check(inputs)
+        job = self._job()
         if steps == 0:
-            return _engine.untailored(self, inputs, args, kwargs, return_info)
-        result: InnerResult = _engine.run_call(
-            self,
-            inputs,
-            args,
-            kwargs,
-            steps=steps,
-            need_final_loss=return_info or self.options.keep_if_better,
-            forward=True,
-        )
+            out, losses = _engine.untailored(job, inputs, args, kwargs, return_info)
+            return out if losses is None else TailorOutput(out, out, losses)
+        try:
+            result: InnerResult = _engine.run_call(
+                job,
+                inputs,
+                args,
+                kwargs,
+                steps=steps,
+                need_final_loss=return_info or self.options.keep_if_better,
+                forward=True,
+            )
+        finally:
+            self._record(job)
         if not return_info:
             return result.prediction
         guarded = None
@@ -433,7 +437,11 @@ class NoetherWrapper(nn.Module):
             {'step.weight': (3, 2, 2), 'step.bias': (3, 2)}
         """
         self._check(inputs)
-        return _engine.tailor(self, inputs, args, kwargs)
+        job = self._job()
+        try:
+            return _engine.tailor(job, inputs, args, kwargs)
+        finally:
+            self._record(job)
 
     def tailored_model(
         self, inputs: Tensor, *args: Any, index: int | None = None, **kwargs: Any
@@ -451,4 +459,29 @@ class NoetherWrapper(nn.Module):
             ``tailored_model(x, index=i)(x[i:i+1])`` equals ``net(x)[i:i+1]``.
         """
         self._check(inputs)
-        return _engine.tailored_model(self, inputs, args, kwargs, index)
+        job = self._job()
+        try:
+            return _engine.tailored_model(job, inputs, args, kwargs, index)
+        finally:
+            self._record(job)
+
+    def _job(self) -> _engine.Job:
+        """What the engine reads for one call (it never sees the wrapper)."""
+        return _engine.Job(
+            model=self.model,
+            embedding=self.embedding,
+            options=self.options,
+            log_inner_lr=self.log_inner_lr,
+            adapted=tuple(self.adapted_names()),
+            training=self.training,
+            warned=self._warned,
+        )
+
+    def _record(self, job: _engine.Job) -> None:
+        """What the engine decided: the path, the horizon read, a learned step's horizon."""
+        if job.path is not None:
+            self.last_path = job.path
+        if job.saw_horizon:
+            self.last_horizon = job.horizon
+        if job.learned_horizon is not None:
+            self.step_horizon = job.learned_horizon

@@ -7,6 +7,7 @@ def test_public_names_are_pinned() -> None:
     assert set(noether_wrap.__all__) == {
         "Affine",
         "ConservedFit",
+        "Diagnosis",
         "NoetherWrapper",
         "Rollout",
         "TailorOutput",
@@ -17,10 +18,12 @@ def test_public_names_are_pinned() -> None:
         "TuningWarning",
         "__version__",
         "conservation_loss",
+        "diagnose",
         "embeddings",
         "fit_conserved",
         "noether_loss",
         "tune",
+        "tune_cv",
         "tune_inner_lr",
         "validation",
     }
