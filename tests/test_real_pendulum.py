@@ -64,7 +64,7 @@ def test_checksum_fires_on_a_corrupted_copy(tmp_path: Path) -> None:
 def test_quick_time_split(tmp_path: Path) -> None:
     """experiments/real_blocks.py: every block and row finite, the tuned rows' choices recorded,
     and a guard that binds never returns anything but the plain or the tailored prediction."""
-    import real_blocks
+    from noether_experiments import real_blocks
 
     out = tmp_path / "real_blocks.json"
     report = real_blocks.main(["--quick", "--json", str(out)])
