@@ -496,6 +496,26 @@ def blocks_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def field_table(report: Mapping[str, Any]) -> str:
+    """docs/performance.md's vector-field table from ``benchmarks/field.py``'s JSON: per cell the
+    medians' ratios, recomputed from the stored seconds."""
+    lines = [
+        "| T | B | k | shared / hand shared | per-sample / hand shared | per-sample / unwrapped "
+        "| hand dense per-sample / hand shared | per-sample / hand dense |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell in report["cells"]:
+        med = {n: float(np.median(v)) for n, v in cell["seconds"].items()}
+        lines.append(
+            f"| {cell['T']} | {cell['B']} | {cell['k']} | {med['shared'] / med['hand_shared']:.2f} "
+            f"| {med['per_sample'] / med['hand_shared']:.2f} | "
+            f"{med['per_sample'] / med['plain']:.1f} | "
+            f"{med['hand_dense'] / med['hand_shared']:.2f} | "
+            f"{med['per_sample'] / med['hand_dense']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def precision_table(report: Mapping[str, Any]) -> str:
     """docs/learning-g.md's precision ladder from ``experiments/precision.py``'s JSON: per
     system and g, per data seed, the diagnostic's share and drift ratio and the test-set best of
@@ -553,6 +573,8 @@ def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
         return tailoring_table(report)
     if report.get("benchmark") == "compat":
         return compat_table(report)
+    if report.get("benchmark") == "field":
+        return field_table(report)
     return table(report)
 
 

@@ -266,12 +266,7 @@ def _make_call(
         kwargs=kwargs,
         steps=steps,
         lr=lr if differentiable else lr.detach(),
-        step_rule=options.step_rule,
-        step_control=options.step_control,
-        max_grad_norm=options.max_inner_grad_norm,
-        polyak_cap=options.polyak_cap,
-        momentum=options.inner_momentum,
-        guard=options.guard,
+        options=options,
         move=move_fn(options),
         create_graph=differentiable and not options.first_order,
         differentiable=differentiable,
@@ -280,7 +275,9 @@ def _make_call(
 
 
 def choose_path(job: Job, names: list[str], materialise: bool) -> tuple[str, Runner]:
-    """The path for this call, by the registry's capabilities and the options."""
+    """The path for this call: the options' (affine, shared), else the first per-sample path of
+    the capability table :data:`noether_wrap._inner.PATHS` that can serve it (compiles when
+    compiling, materialises the weights when asked to, supports the adapted layers)."""
     options = job.options
     if isinstance(options.adapt, Affine):
         runner = functools.partial(
@@ -289,14 +286,15 @@ def choose_path(job: Job, names: list[str], materialise: bool) -> tuple[str, Run
         return "affine", runner
     if not options.per_sample:
         return "shared", _inner.tailor_shared
-    if torch.compiler.is_compiling():
-        if options.per_sample_path == "lowrank":
-            raise ValueError(
-                "`per_sample_path='lowrank'` does not work inside torch.compile (its forward "
-                "hooks are not traced); use per_sample_path='auto' or 'vmap' when compiling."
-            )
-        return "vmap", _inner.tailor_vmap
-    if options.per_sample_path != "vmap" and not materialise:
+    compiling = torch.compiler.is_compiling()
+    lowrank = _inner.PATHS["lowrank"]
+    if options.per_sample_path == "lowrank" and compiling and not lowrank.compiles:
+        raise ValueError(
+            "`per_sample_path='lowrank'` does not work inside torch.compile (its forward "
+            "hooks are not traced); use per_sample_path='auto' or 'vmap' when compiling."
+        )
+    serves = (lowrank.compiles or not compiling) and (lowrank.materialises or not materialise)
+    if options.per_sample_path != "vmap" and serves:
         layers = _inner.supported_layers(job.model, names)
         auto_ok = layers is not None and (
             options.per_sample_path == "lowrank"

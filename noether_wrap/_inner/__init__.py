@@ -1,4 +1,4 @@
-"""The inner loop and its paths, behind one interface.
+"""The inner loop and its paths, behind one interface (the engine picks a path by :data:`PATHS`).
 
 A forward pass builds one immutable :class:`~noether_wrap._inner.call.Call`; the wrapper picks a
 path from :data:`PATHS`; every path runs :func:`~noether_wrap._inner.loop.run`, the one loop,

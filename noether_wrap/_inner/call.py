@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+if TYPE_CHECKING:  # the options record imports this package (its choices live here)
+    from noether_wrap._options import Options
 
 Params = dict[str, Tensor]
 #: ``(inputs, model_output) -> (batch,)`` per-sequence Noether loss.
@@ -62,22 +65,45 @@ class Call:
     steps: int
     #: ``exp(log_inner_lr)``: the step size (``"fixed"``) or the fraction γ (``"polyak"``).
     lr: Tensor
-    step_rule: str
-    step_control: str
-    max_grad_norm: float | None
-    #: The Polyak cap: ``‖Δθ‖ <= polyak_cap * stepper.size()`` per row and step (None: uncapped).
-    polyak_cap: float | None
-    #: Heavy-ball momentum β on the inner steps (None: plain steps).
-    momentum: float | None
-    #: The prediction guard τ (None: off) and ``(inputs, plain, tailored) -> (batch,)``, how far
-    #: each tailored rollout moved from the plain one relative to the plain one's displacement.
-    guard: float | None
+    #: The wrapper's checked options record (:class:`noether_wrap._options.Options`): the step
+    #: transforms read their settings from it by name, so an option the loop reads needs no
+    #: field here.
+    options: Options
+    #: ``(inputs, plain, tailored) -> (batch,)``: how far each tailored rollout moved from the
+    #: plain one, relative to the plain one's displacement (the prediction guard's measure).
     move: Callable[[Tensor, Tensor, Tensor], Tensor]
     create_graph: bool
     differentiable: bool
     need_final_loss: bool
     #: Inside ``vmap``: no data-dependent Python control flow.
     in_vmap: bool = False
+
+    @property
+    def step_rule(self) -> str:
+        return str(self.options.step_rule)
+
+    @property
+    def step_control(self) -> str:
+        return str(self.options.step_control)
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self.options.max_inner_grad_norm
+
+    @property
+    def polyak_cap(self) -> float | None:
+        """``‖Δθ‖ <= polyak_cap * stepper.size()`` per row and step (None: uncapped)."""
+        return self.options.polyak_cap
+
+    @property
+    def momentum(self) -> float | None:
+        """Heavy-ball momentum β on the inner steps (None: plain steps)."""
+        return self.options.inner_momentum
+
+    @property
+    def guard(self) -> float | None:
+        """The prediction guard τ (None: off)."""
+        return self.options.guard
 
     @property
     def keeps_graphs(self) -> bool:
