@@ -444,16 +444,10 @@ def run_seed(seed: int, data: Data, cfg: Settings) -> dict[str, Any]:
 
     gs = {"oracle": oracle_g, "learned": learned_g}
     for name, g in gs.items():
-        net = noether(copy.deepcopy(control), g, 0.01)
-        row = f"testtime_{name}"
-        protocol.record_tuning(out, row, tune(net, data), untailored="control")
-        score(row, net)
-        polyak = noether(copy.deepcopy(control), g, 1.0)
-        polyak.step_rule = "polyak"  # scale-free: no clip, so γ is the fraction removed
-        polyak.max_inner_grad_norm = None
-        row = f"polyak_{name}"
-        protocol.record_tuning(out, row, tune(polyak, data), untailored="control")
-        score(row, polyak)
+        protocol.tailoring_rows(
+            out, name, lambda step, g=g: noether(copy.deepcopy(control), g, step),
+            lambda net: tune(net, data), score, fixed_step=0.01, untailored="control",
+        )  # fmt: skip
     bias = bias_tailoring(control.step, oracle_g)
     row = "testtime_oracle_bias"
     protocol.record_tuning(out, row, tune(bias, data))

@@ -411,6 +411,30 @@ def record_tuning(
         out["val_seq"][untailored] = [float(v) for v in result.per_sequence[None]]
 
 
+def tailoring_rows(
+    out: dict[str, Any],
+    name: str,
+    make: Callable[[float], NoetherWrapper],
+    tune: Callable[[NoetherWrapper], Any],
+    score: Callable[[str, NoetherWrapper], None],
+    *,
+    fixed_step: float,
+    untailored: str,
+) -> None:
+    """The two test-time rows of a ``g``: ``testtime_<name>`` (a fixed step, starting at
+    ``fixed_step``) and ``polyak_<name>`` (the Polyak rule, γ = 1, unclipped so γ is the fraction
+    removed), each built by ``make(step)``, tuned by ``tune(net)`` (recorded with
+    :func:`record_tuning`) and scored by ``score(row, net)``."""
+    for prefix, rule, step in (("testtime", "fixed", fixed_step), ("polyak", "polyak", 1.0)):
+        net = make(step)
+        if rule == "polyak":
+            net.step_rule = rule
+            net.max_inner_grad_norm = None
+        row = f"{prefix}_{name}"
+        record_tuning(out, row, tune(net), untailored=untailored)
+        score(row, net)
+
+
 def tuned_scores(result: Any) -> list[float]:
     """Every validation sequence's loss under a ``tune_inner_lr`` result's outcome (the chosen
     step, or the untailored model where tuning switched tailoring off): the paired scores

@@ -384,16 +384,10 @@ def run_seed(seed: int, train_clips: Clips, valid: Clips, test: Clips, cfg: Sett
     ).embedding
     out["g"]["testtime_learned"] = (learned, r_init)
     for name, g in (("oracle", oracle), ("learned", learned)):
-        net = wrap(copy.deepcopy(step), g, 1.0)
-        row = f"testtime_{name}"
-        protocol.record_tuning(out, row, tune(net, valid), untailored="vanilla")
-        score(row, net)
-        polyak = wrap(copy.deepcopy(step), g, 1.0)
-        polyak.step_rule = "polyak"  # scale-free: no clip, so γ is the fraction removed
-        polyak.max_inner_grad_norm = None
-        row = f"polyak_{name}"
-        protocol.record_tuning(out, row, tune(polyak, valid), untailored="vanilla")
-        score(row, polyak)
+        protocol.tailoring_rows(
+            out, name, lambda lr, g=g: wrap(copy.deepcopy(step), g, lr),
+            lambda net: tune(net, valid), score, fixed_step=1.0, untailored="vanilla",
+        )  # fmt: skip
 
     row = "meta_learned_frozen"
     net = wrap(copy.deepcopy(step), copy.deepcopy(learned), out["start"]["testtime_learned"], True)
