@@ -569,23 +569,13 @@ def main() -> None:
         metrics = [embedding_metrics(r["g"][row][0], r["data"], r["g"][row][1]) for r in runs]
         embeddings[row] = {k: statistics.fmean(m[k] for m in metrics) for k in metrics[0]}
     seconds = [r["seconds"]["meta_learned"] for r in runs]
-    report = {
-        "example": "ising",
-        "dynamics": args.dynamics,
-        "data_seeds": data_seeds,
-        "seeds": seeds,
-        "seconds": time.perf_counter() - start,
-        "metric": "RMSE against the ensemble mean of 32 realisations, over the test horizon",
-        "inner_lr": inner_lr,
-        "selected": selected,
-        "spearman_val_test": protocol.rank_agreement(
-            runs, rows, [r for r, v in inner_lr.items() if v is not None]
-        ),
-        "rows": rows,
-        "embeddings": embeddings,
-        "seconds_per_meta_step": statistics.fmean(seconds),
-        "threads": args.threads,
-    }
+    report = protocol.base_report(
+        "ising", runs, rows, inner_lr, selected, seeds=seeds, data_seeds=data_seeds, start=start,
+        metric="RMSE against the ensemble mean of 32 realisations, over the test horizon",
+        embeddings=embeddings, threads=args.threads,
+    )  # fmt: skip
+    report["dynamics"] = args.dynamics
+    report["seconds_per_meta_step"] = statistics.fmean(seconds)
     protocol.print_table(
         f"{args.dynamics}, L = {args.size}, T = {runs[0]['data'].test.shape[2] - 1}, data seeds "
         f"{data_seeds}, model seeds {seeds}; ratios to vanilla, 95% nested bootstrap",

@@ -411,6 +411,39 @@ def record_tuning(
         out["val_seq"][untailored] = [float(v) for v in result.per_sequence[None]]
 
 
+def base_report(
+    example: str,
+    runs: Sequence[Mapping[str, Any]],
+    rows: Mapping[str, Any],
+    inner_lr: Mapping[str, float | None],
+    selected: str,
+    *,
+    seeds: Sequence[int],
+    data_seeds: Sequence[int],
+    start: float,
+    metric: str,
+    embeddings: Mapping[str, Any],
+    threads: int,
+) -> dict[str, Any]:
+    """The keys every experiment's JSON starts with (the rest are the experiment's own); the
+    Spearman agreement is over the rows with a tuned step."""
+    return {
+        "example": example,
+        "data_seeds": list(data_seeds),
+        "seeds": list(seeds),
+        "seconds": time.perf_counter() - start,
+        "metric": metric,
+        "inner_lr": dict(inner_lr),
+        "selected": selected,
+        "spearman_val_test": rank_agreement(
+            runs, rows, [r for r, v in inner_lr.items() if v is not None]
+        ),
+        "rows": rows,
+        "embeddings": embeddings,
+        "threads": threads,
+    }
+
+
 def tailoring_rows(
     out: dict[str, Any],
     name: str,

@@ -497,23 +497,13 @@ def main() -> None:
             k: None if metrics[0][k] is None else statistics.fmean(m[k] for m in metrics)
             for k in metrics[0]
         }
-    report = {
-        "example": "video",
-        "data_seeds": data_seeds,
-        "seeds": seeds,
-        "seconds": time.perf_counter() - start,
-        "metric": "RMSE over the 10 predicted frames of the test clips",
-        "inner_lr": inner_lr,
-        "selected": selected,
-        "spearman_val_test": protocol.rank_agreement(
-            runs, rows, [r for r, v in inner_lr.items() if v is not None]
-        ),
-        "rows": rows,
-        "embeddings": embeddings,
-        "seconds_per_meta_step": statistics.fmean(r["seconds"] for r in runs),
-        "skipped_steps": dict(skipped),
-        "threads": args.threads,
-    }
+    report = protocol.base_report(
+        "video", runs, rows, inner_lr, selected, seeds=seeds, data_seeds=data_seeds, start=start,
+        metric="RMSE over the 10 predicted frames of the test clips", embeddings=embeddings,
+        threads=args.threads,
+    )  # fmt: skip
+    report["seconds_per_meta_step"] = statistics.fmean(r["seconds"] for r in runs)
+    report["skipped_steps"] = dict(skipped)
     protocol.print_table(
         f"ball on a spring, {runs[0]['test'].frames.shape[0]} test clips, data seeds "
         f"{data_seeds}, model seeds {seeds}; ratios to vanilla, 95% nested bootstrap",
