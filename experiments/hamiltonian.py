@@ -272,7 +272,6 @@ class Fits:
         self.data, self.cfg = data, cfg
         self._fields: dict[tuple[int, tuple[int, ...]], nn.Module] = {}
         self._gs: dict[tuple[int, ...], tuple[dict[str, nn.Module], FeatureLibrary]] = {}
-        self.seconds: list[float] = []
 
     def vanilla(self, seed: int, idx: Tensor) -> nn.Module:
         """HNN's MLP (model seed ``seed``) fitted on the training trajectories ``idx``."""
@@ -282,10 +281,8 @@ class Fits:
             x = self.data.noisy[rows].reshape(-1, 2)
             target = self.data.system.field(self.data.clean[rows].reshape(-1, 2))
             field = make_field(seed)
-            self.seconds.append(
-                fit(field.parameters(), lambda: field(x), target, self.cfg.vanilla_steps,
-                    f"seed {seed} vanilla ({len(key[1])} trajectories)")
-            )  # fmt: skip
+            fit(field.parameters(), lambda: field(x), target, self.cfg.vanilla_steps,
+                f"seed {seed} vanilla ({len(key[1])} trajectories)")  # fmt: skip
             self._fields[key] = field
         return self._fields[key]
 

@@ -58,7 +58,7 @@ class Job:
 
     @property
     def inner_lr(self) -> float:
-        return float(self.log_inner_lr.exp())
+        return float(self.log_inner_lr.detach().exp())
 
 
 class PathUnsupported(ValueError):

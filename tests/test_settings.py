@@ -139,3 +139,15 @@ def test_readme_documents_every_option() -> None:
     text = README.read_text()
     for option in OPTIONS:
         assert re.search(rf"\| `{option.name}` \|", text), option.name
+
+
+def test_inner_momentum_travels_with_the_weights() -> None:
+    net = make_net(inner_steps=3, inner_momentum=0.7)
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = make_net()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert fresh.inner_momentum == 0.7 and fresh.inner_steps == 3
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
