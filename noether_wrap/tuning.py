@@ -784,7 +784,8 @@ def _finish(
                 "its mean"
             )
     warn(
-        f"tuning: {why}; the wrapper is set to inner_steps=0 and is now exactly the model.\n"
+        f"tuning: {why}; the wrapper is set to inner_steps=0 and is now exactly the model. If "
+        "g is learned, `noether_wrap.diagnose` says whether it is precise enough to help.\n"
         + _table(untailored, rows, None, n, signs),
         TailoringDoesNotHelp,
     )

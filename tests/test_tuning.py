@@ -379,7 +379,7 @@ def test_tune_cv_says_off_and_refuses_bad_builds() -> None:
     x = torch.randn(10, 1, dtype=torch.float64)
     target = _noisy_target(x, mean_in_se=0.0) * 0 + x.unsqueeze(1) + 1  # the model is exact
     calls: list[torch.Tensor] = []
-    with pytest.warns(TailoringDoesNotHelp):
+    with pytest.warns(TailoringDoesNotHelp, match="noether_wrap.diagnose"):  # what to check next
         net, result = tune_cv(_fitted_shift_builder(x, target, calls), x, target, folds=2,
                               candidates=[0.1], guards=[None])  # fmt: skip
     assert result.best is None and net.inner_steps == 0
