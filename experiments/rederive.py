@@ -498,21 +498,25 @@ def blocks_table(report: Mapping[str, Any]) -> str:
 
 def field_table(report: Mapping[str, Any]) -> str:
     """docs/performance.md's vector-field table from ``benchmarks/field.py``'s JSON: per cell the
-    medians' ratios, recomputed from the stored seconds."""
-    lines = [
-        "| T | B | k | shared / hand shared | per-sample / hand shared | per-sample / unwrapped "
-        "| hand dense per-sample / hand shared | per-sample / hand dense |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    medians' ratios, recomputed from the stored seconds (the hand-written floor's columns only
+    where the JSON has it: runs before it was written lack them)."""
+    floor = "hand_floor" in report["cells"][0]["seconds"]
+    head = "| T | B | k | shared / hand shared | per-sample / hand shared | per-sample / unwrapped "
+    head += "| hand floor / hand shared | per-sample / hand floor |" if floor else "|"
+    lines = [head, "| --- " * (8 if floor else 6) + "|"]
     for cell in report["cells"]:
         med = {n: float(np.median(v)) for n, v in cell["seconds"].items()}
-        lines.append(
+        row = (
             f"| {cell['T']} | {cell['B']} | {cell['k']} | {med['shared'] / med['hand_shared']:.2f} "
             f"| {med['per_sample'] / med['hand_shared']:.2f} | "
-            f"{med['per_sample'] / med['plain']:.1f} | "
-            f"{med['hand_dense'] / med['hand_shared']:.2f} | "
-            f"{med['per_sample'] / med['hand_dense']:.2f} |"
+            f"{med['per_sample'] / med['plain']:.1f} |"
         )
+        if floor:
+            row += (
+                f" {med['hand_floor'] / med['hand_shared']:.2f} | "
+                f"{med['per_sample'] / med['hand_floor']:.2f} |"
+            )
+        lines.append(row)
     return "\n".join(lines)
 
 

@@ -127,7 +127,8 @@ class NoetherWrapper(nn.Module):
         max_inner_grad_norm: clip each inner gradient (per sequence when ``per_sample``).
         predict: ``(model, inputs, *args, **kwargs) -> Tensor``, what the adapted model returns
             when that is not the rollout the loss is computed on (e.g. a vector field).
-        per_sample_path: ``"lowrank"`` (exact recorded terms for ``nn.Linear``, dense updates for
+        per_sample_path: ``"lowrank"`` (exact per-sample updates of ``nn.Linear`` layers, dense
+            or recorded terms, whichever costs less, and dense updates for
             ungrouped convolutions; no weight copies), ``"vmap"`` (any model ``vmap`` can
             batch) or ``"auto"`` (low-rank where every adapted parameter is an ``nn.Linear``'s).
         step_control: ``"none"`` or ``"backtrack"``: each step is halved, up to four times, for
@@ -272,8 +273,9 @@ class NoetherWrapper(nn.Module):
             if name in ("inner_horizon", "step_rule"):
                 self._warned.discard("horizon")
             return
-        near = near_option(name)
-        if near is not None and "_built" in self.__dict__ and name not in self.__dict__:
+        fresh = "_built" in self.__dict__ and name not in self.__dict__  # checked first: cheap
+        near = near_option(name) if fresh else None
+        if near is not None:
             raise AttributeError(
                 f"`{name}` is not an option of NoetherWrapper; did you mean `{near}`? (An "
                 "assignment to a new attribute would be ignored by the wrapper.)"

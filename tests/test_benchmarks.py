@@ -21,6 +21,13 @@ def test_field_benchmark_quick(tmp_path: Path) -> None:
     # the per-sample wrapper and the hand-written per-sample step agree in float64
     assert report["check_max_abs_diff"] < 1e-10 and report["device"] == "cpu"
     (cell,) = report["cells"]
-    assert set(cell["median"]) == {"plain", "hand_shared", "shared", "hand_dense", "per_sample"}
+    assert set(cell["median"]) == {
+        "plain",
+        "hand_shared",
+        "shared",
+        "hand_dense",
+        "hand_floor",
+        "per_sample",
+    }
     assert all(v > 0 for v in cell["median"].values())
     assert report["provenance"]["command"][1].endswith("field.py")

@@ -108,18 +108,18 @@ def test_every_path_and_branch_matches_the_reference(
 def test_a_wrong_recorded_correction_is_caught() -> None:
     """Mutation check: doubling the recorded low-rank correction must fail the comparison."""
     net, x, ref, params = _against_reference(True, "lowrank", "recorded", "fixed", 0.2)
-    original = lowrank._Linear.correction
+    original = lowrank._Linear.corrected
 
-    def doubled(self: Any, a: torch.Tensor) -> torch.Tensor | None:
-        out = original(self, a)
-        return None if out is None or self.update.rec_d is None else 2 * out
+    def doubled(self: Any, out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        fixed = original(self, out, a)
+        return fixed if self.update.rec_d is None else 2 * fixed - out
 
-    lowrank._Linear.correction = doubled  # type: ignore[method-assign]
+    lowrank._Linear.corrected = doubled  # type: ignore[method-assign]
     try:
         with pytest.raises(AssertionError):
             _assert_matches(net, x, ref, params)
     finally:
-        lowrank._Linear.correction = original  # type: ignore[method-assign]
+        lowrank._Linear.corrected = original  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize(("per_sample", "path"), PATHS)

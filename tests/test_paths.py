@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from noether_wrap import NoetherWrapper, Rollout
+from noether_wrap._inner import lowrank
 from noether_wrap.embeddings import MLPEmbedding
 
 from conftest import copy_weights, make_net
@@ -201,3 +202,48 @@ def test_shared_first_order_info_is_differentiable() -> None:
     info = net(torch.randn(3, 2, dtype=torch.float64), return_info=True)
     (info.prediction.sum() + info.noether_losses.sum() + info.initial_prediction.sum()).backward()
     assert net.log_inner_lr.grad is not None
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("adapt", [None, "*.weight", "step.0.*"])
+def test_paths_agree_in_each_linear_form(
+    monkeypatch: pytest.MonkeyPatch, steps: int, dense: bool, adapt: str | None
+) -> None:
+    """Both forms of an adapted linear layer, dense and recorded, forced on every layer, are
+    exact against vmap (outputs, outer gradients through every inner step)."""
+    monkeypatch.setattr(lowrank, "dense_is_cheaper", lambda *_: dense)
+    extra = {} if adapt is None else {"adapt": adapt}
+    fast, slow = _pair(hidden=16, inner_steps=steps, inner_lr=0.2, **extra)
+    _assert_agree(fast, slow, torch.randn(5, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_the_outer_gradient_can_itself_be_differentiated(
+    monkeypatch: pytest.MonkeyPatch, dense: bool
+) -> None:
+    """A gradient of the outer gradient (a Hessian-vector product of the training loss, as a
+    gradient penalty takes) agrees with vmap's: the update's gathered gradient is built from
+    differentiable operations."""
+    monkeypatch.setattr(lowrank, "dense_is_cheaper", lambda *_: dense)
+    fast, slow = _pair(hidden=8, inner_steps=2, inner_lr=0.2)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    target = torch.randn_like(fast(x))
+    results = []
+    for net in (fast, slow):
+        params = [p for p in net.model.parameters()]
+        loss = ((net(x) - target) ** 2).mean()
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        results.append(torch.autograd.grad(penalty, params))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_the_form_rule_picks_the_cheaper_application() -> None:
+    """Dense where a use costs no more than the recorded terms: thin layers, and layers used
+    many times; recorded terms for a wide layer used a few times."""
+    assert lowrank.dense_is_cheaper(uses=40, d_in=4, d_out=64)
+    assert lowrank.dense_is_cheaper(uses=40, d_in=64, d_out=64)
+    assert not lowrank.dense_is_cheaper(uses=10, d_in=64, d_out=64)
+    assert not lowrank.dense_is_cheaper(uses=4, d_in=512, d_out=512)

@@ -9,8 +9,13 @@ sequence's ``delta_s``. The adapted layer applied to a new input ``a'`` is then
     W a' + b - lr * sum_s delta_s (a_s^T a' + 1),
 
 which costs ``O(batch * n * d)`` memory instead of a ``(batch, d_out, d_in)`` weight copy, and
-stays differentiable for the outer loop. Where a layer is thin (``k * n >= min(d_in, d_out)``)
-the dense per-sample update ``(batch, d_out, d_in)`` is cheaper, and is used instead.
+stays differentiable for the outer loop. Where applying the dense per-sample update
+``(batch, d_out, d_in)`` costs no more per row (:func:`dense_is_cheaper`), it is used instead.
+
+Either form is applied by batched matmuls in one :class:`_Correct` per use. Its backward gives
+the use's input gradient and leaves the rest on a :class:`_Tape`; :class:`_Hub`, a token that
+every use of one update reads, runs after all of them and gathers the update's outer gradient by
+one batched matmul over all uses (instead of one outer product plus one accumulation per use).
 
 A convolution is a linear layer applied at every position of its unfolded input, so the same
 algebra gives its per-sample weight gradient ``sum_s delta_s unfold(a_s)^T``; conv weights are
@@ -110,9 +115,7 @@ class _Layer:
                 f"dim is not the batch ({self.batch})"
             )
         a = self.prepare_input(a)
-        correction = self.correction(a)
-        if correction is not None:
-            out = self.add_correction(out, correction)
+        out = self.corrected(out, a)
         if self.recording:
             if out.requires_grad:
                 self.outputs.append(out)
@@ -124,6 +127,12 @@ class _Layer:
             self.inputs.append(a.detach() if self.detach_inputs else a)
         return out
 
+    def bind(self, update: Update) -> None:
+        self.update = update
+
+    def forget_uses(self) -> None:
+        """Nothing to forget: only :class:`_Linear` keeps a tape."""
+
     def take_records(self) -> tuple[list[Tensor | None], list[Tensor]]:
         outputs, inputs = self.outputs, self.inputs
         self.outputs, self.inputs = [], []
@@ -132,11 +141,9 @@ class _Layer:
     def prepare_input(self, a: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def correction(self, a: Tensor) -> Tensor | None:
-        raise NotImplementedError
-
-    def add_correction(self, out: Tensor, correction: Tensor) -> Tensor:
-        """``out`` plus the adapted weights' correction (which may broadcast: a bias alone)."""
+    def corrected(self, out: Tensor, a: Tensor) -> Tensor:
+        """The layer's plain output ``out`` with the bound update's correction for the
+        prepared input ``a`` added."""
         raise NotImplementedError
 
     def gradient(
@@ -152,58 +159,187 @@ class _Layer:
 
 
 def _rows(x: Tensor) -> Tensor:
-    """``(batch, ..., d) -> (batch, rows, d)``: a linear layer's input or output as rows (a plain
-    reshape: this runs at every use of every adapted layer, where einops' parsing shows)."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    """``(batch, ..., d) -> (batch, rows, d)``: a linear layer's input or output as rows (no
+    einops: this runs at every use of every adapted layer, where its parsing shows)."""
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _rows_finite(*tensors: Tensor | None) -> Tensor:
-    flags = [torch.isfinite(t).flatten(1).all(1) for t in tensors if t is not None]
-    return torch.stack(flags).all(0)
+    """``(batch,)``: True where every value of the sequence's rows is finite. Read from one sum
+    per sequence (a NaN or infinity anywhere makes it non-finite; so would a sum that overflows,
+    a conservative false alarm), one pass where ``isfinite`` takes three."""
+    total: Tensor | None = None
+    for t in tensors:
+        if t is not None:
+            total = _add(total, t.flatten(1).sum(1))
+    assert total is not None
+    return torch.isfinite(total)
+
+
+def dense_is_cheaper(uses: int, d_in: int, d_out: int) -> bool:
+    """The rule that picks a linear layer's form: dense where applying it costs no more.
+
+    Applied to one input row, a dense update ``(d_out, d_in)`` costs ``d_in * d_out``
+    multiply-adds; ``uses`` recorded terms (every use of every inner step so far) cost
+    ``uses * (d_in + d_out)``, and their outer gradient as much again. So thin layers, and layers
+    used many times (an MLP vector field inside RK4: four uses per time step), go dense.
+    """
+    return uses * (d_in + d_out) >= d_in * d_out
+
+
+class _Tape:
+    """One adapted layer's uses in the rollouts that read one :class:`Update`, for the outer
+    gradient of that update: each use's backward leaves ``(grad of its output, its input, grad
+    of its recorded coefficients)`` here, and :class:`_Hub`'s backward, which autograd runs after
+    all of them, turns them into the update's gradient by one batched matmul per tensor,
+    instead of one outer product plus one accumulation per use."""
+
+    __slots__ = ("uses",)
+
+    def __init__(self) -> None:
+        self.uses: list[tuple[Tensor, Tensor, Tensor | None]] = []
+
+    def take(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        uses, self.uses = self.uses, []
+        return uses
+
+
+class _Hub(torch.autograd.Function):
+    """A scalar token that every use of an :class:`Update` reads; its backward gathers the
+    update's gradient from the :class:`_Tape` once all uses have left theirs (inputs: the tape,
+    ``bias``, then the update's ``delta_w`` ``(batch, out, in)``, ``delta_b`` ``(batch, out)``,
+    ``rec_a`` ``(batch, n, in)`` and ``rec_d`` ``(batch, n, out)``, each possibly None)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        tape: _Tape,
+        bias: bool,
+        delta_w: Tensor | None,
+        delta_b: Tensor | None,
+        rec_a: Tensor | None,
+        rec_d: Tensor | None,
+    ) -> Tensor:
+        ctx.tape, ctx.bias, ctx.has_b = tape, bias, delta_b is not None
+        ctx.dtype = next(t for t in (delta_w, delta_b, rec_a) if t is not None).dtype
+        ctx.save_for_backward(delta_w, rec_a)
+        like = next(t for t in (delta_w, delta_b, rec_a) if t is not None)
+        return like.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> tuple[Tensor | None, ...]:
+        delta_w, rec_a = ctx.saved_tensors
+        uses = ctx.tape.take()
+        if not uses:
+            return None, None, None, None, None, None
+        dtype = ctx.dtype  # the update's (under autocast the uses ran in a lower precision)
+        g = torch.cat([u[0].to(dtype) for u in uses], dim=1)  # (batch, rows, out)
+        a = torch.cat([u[1].to(dtype) for u in uses], dim=1)  # (batch, rows, in)
+        grad_w = grad_b = grad_ra = grad_rd = None
+        if delta_w is not None:
+            grad_w = torch.bmm(g.transpose(1, 2), a)
+        if ctx.has_b:
+            grad_b = g.sum(1)
+        if rec_a is not None:
+            coef = torch.bmm(a, rec_a.transpose(1, 2))  # (batch, rows, n), recomputed: cheap,
+            if ctx.bias:  # and differentiable where this backward is itself differentiated
+                coef = coef + 1
+            grad_c = torch.cat([u[2].to(dtype) for u in uses], dim=1)  # (batch, rows, n)
+            grad_rd = torch.bmm(coef.transpose(1, 2), g)
+            grad_ra = torch.bmm(grad_c.transpose(1, 2), a)
+        return None, None, grad_w, grad_b, grad_ra, grad_rd
+
+
+class _Correct(torch.autograd.Function):
+    """One use of an adapted linear layer: its plain output ``out`` plus the update's
+    correction ``a dW^T + db + (a A^T [+ 1]) D`` ``(batch, rows, out)``, for input rows ``a``
+    ``(batch, rows, in)``. Its backward passes ``out``'s gradient through, gives ``a``'s, and
+    leaves the update's to the :class:`_Tape` (the update's tensors get theirs through the
+    ``token`` of :class:`_Hub`). Written with differentiable operations only, so an inner step's
+    gradient through it can itself be differentiated (``inner_steps >= 2``)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        token: Tensor,
+        out: Tensor,
+        a: Tensor,
+        tape: _Tape,
+        bias: bool,
+        delta_w: Tensor | None,
+        delta_b: Tensor | None,
+        rec_a: Tensor | None,
+        rec_d: Tensor | None,
+    ) -> Tensor:
+        dtype = out.dtype  # under autocast, the layer's lower precision: the correction's too
+        x = a.to(dtype)
+        if delta_w is not None:
+            out = torch.baddbmm(out, x, delta_w.to(dtype).transpose(1, 2))
+        if delta_b is not None:
+            out = out + delta_b.to(dtype).unsqueeze(1)
+        if rec_a is not None:
+            assert rec_d is not None
+            coef = torch.bmm(x, rec_a.to(dtype).transpose(1, 2))
+            if bias:
+                coef = coef + 1
+            out = torch.baddbmm(out, coef, rec_d.to(dtype))
+        ctx.tape = tape
+        ctx.save_for_backward(a, delta_w, rec_a, rec_d)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        a, delta_w, rec_a, rec_d = ctx.saved_tensors
+        dtype = g.dtype
+        grad_a: Tensor | None = None
+        grad_c: Tensor | None = None
+        if delta_w is not None:
+            grad_a = torch.bmm(g, delta_w.to(dtype))
+        if rec_a is not None:
+            grad_c = torch.bmm(g, rec_d.to(dtype).transpose(1, 2))  # (batch, rows, n)
+            term = torch.bmm(grad_c, rec_a.to(dtype))
+            grad_a = term if grad_a is None else grad_a + term
+        ctx.tape.uses.append((g, a, grad_c))
+        return None, g, None if grad_a is None else grad_a.to(a.dtype), *(None,) * 6
 
 
 class _Linear(_Layer):
-    """``nn.Linear``: recorded low-rank terms, or a dense update where the layer is thin."""
+    """``nn.Linear``: a dense update or recorded low-rank terms, whichever
+    :func:`dense_is_cheaper` picks, applied by batched matmuls in one :class:`_Correct` per use,
+    its outer gradient gathered once per update by :class:`_Hub`."""
 
     def __init__(self, module: nn.Module, weight: bool, bias: bool, batch: int) -> None:
         super().__init__(module, weight, bias, batch)
         self.dense: bool | None = None
+        self.token: Tensor | None = None
+        self.tape = _Tape()
+
+    def bind(self, update: Update) -> None:
+        self.update = update
+        self.token = None
+        self.tape = _Tape()
+
+    def forget_uses(self) -> None:
+        """Drop what the uses' backwards left on the tape when autograd was asked for the
+        recorded outputs' gradients only (the inner step), so the hub never ran."""
+        self.tape.uses.clear()
 
     def prepare_input(self, a: Tensor) -> Tensor:
         return _rows(a)  # (batch, uses, d_in)
 
-    def add_correction(self, out: Tensor, correction: Tensor) -> Tensor:
-        # correction: (batch, uses or 1, d_out); out: (batch, ..., d_out)
-        flat = _rows(out)
-        return (flat + correction).reshape(out.shape)
-
-    def correction(self, a: Tensor) -> Tensor | None:
+    def corrected(self, out: Tensor, a: Tensor) -> Tensor:
         u = self.update
-        result: Tensor | None = None
-        # One input row per sequence (a step model's state): broadcast products, one kernel each,
-        # where a batched matmul would run one tiny product per sequence (CPU bmm loops over the
-        # batch); several rows (a sequence model, conv positions) amortise bmm's loop.
-        single = a.shape[1] == 1
-        if u.delta_w is not None:
-            if single:
-                result = (u.delta_w * a).sum(-1).unsqueeze(1)
-            else:
-                result = torch.einsum("boi,bmi->bmo", u.delta_w, a)
-        if u.delta_b is not None:
-            result = _add(result, u.delta_b.unsqueeze(1))
-        if u.rec_d is not None:
-            assert u.rec_a is not None
-            if single:
-                coef = (u.rec_a * a).sum(-1, keepdim=True)  # (batch, n, 1)
-                if self.bias:
-                    coef = coef + 1
-                low = (coef * u.rec_d).sum(1, keepdim=True)
-            else:
-                low = torch.bmm(torch.einsum("bni,bmi->bmn", u.rec_a, a), u.rec_d)
-                if self.bias:
-                    low = low + u.rec_d.sum(1, keepdim=True)
-            result = _add(result, low)
-        return result
+        if u.delta_w is None and u.delta_b is None and u.rec_d is None:
+            return out
+        if self.token is None:
+            self.token = _Hub.apply(self.tape, self.bias, u.delta_w, u.delta_b, u.rec_a, u.rec_d)
+        flat = _Correct.apply(
+            self.token, _rows(out), a, self.tape, self.bias, u.delta_w, u.delta_b, u.rec_a,
+            u.rec_d,
+        )  # fmt: skip
+        return flat if flat.dim() == out.dim() else flat.view(out.shape)
 
     def gradient(
         self, deltas: list[Tensor], inputs: list[Tensor], steps: int, norm: bool
@@ -213,7 +349,9 @@ class _Linear(_Layer):
         if self.dense is None:
             linear = self.module
             assert isinstance(linear, nn.Linear)
-            self.dense = steps * d.shape[1] >= min(linear.in_features, linear.out_features)
+            self.dense = dense_is_cheaper(
+                steps * d.shape[1], linear.in_features, linear.out_features
+            )
         sq = torch.zeros(self.batch, dtype=d.dtype, device=d.device)
         if self.weight and norm:
             gram_d = torch.bmm(d, d.transpose(1, 2))
@@ -229,7 +367,7 @@ class _Linear(_Layer):
         if not self.weight:
             return update._replace(delta_b=_add(update.delta_b, d.sum(1)))
         if self.dense:
-            delta_w = _add(update.delta_w, torch.einsum("bno,bni->boi", d, a))
+            delta_w = _add(update.delta_w, torch.bmm(d.transpose(1, 2), a))
             delta_b = _add(update.delta_b, d.sum(1)) if self.bias else update.delta_b
             return update._replace(delta_w=delta_w, delta_b=delta_b)
         rec_d = d if update.rec_d is None else torch.cat([update.rec_d, d], dim=1)
@@ -268,9 +406,9 @@ class _Conv(_Layer):
                 self.pad = (*self.pad, 0, 0)
         self.mode = conv.padding_mode
 
-    def add_correction(self, out: Tensor, correction: Tensor) -> Tensor:
-        # correction: like out, or (batch, out, 1[, 1]) for a bias alone
-        return out + correction
+    def corrected(self, out: Tensor, a: Tensor) -> Tensor:
+        correction = self.correction(a)  # like out, or (batch, out, 1[, 1]) for a bias alone
+        return out if correction is None else out + correction
 
     def prepare_input(self, a: Tensor) -> Tensor:
         a = a.unsqueeze(-2) if self.one_d else a
@@ -349,7 +487,7 @@ class LowRankStepper(HookedStepper):
 
     def bind(self, state: LowRankState) -> None:
         for layer, update in zip(self.layers, state):
-            layer.update = update
+            layer.bind(update)
 
     def _recording(self, on: bool) -> None:
         for layer in self.layers:
@@ -379,6 +517,8 @@ class LowRankStepper(HookedStepper):
                     allow_unused=True,
                 )
             warn_if_graphless(call, found)
+            for layer in self.layers:
+                layer.forget_uses()
         grads = iter(found)
         directions: list[Any] = []
         squared, finite = torch.zeros_like(loss), torch.isfinite(loss)
