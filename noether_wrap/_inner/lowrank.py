@@ -213,7 +213,7 @@ class _Hub(torch.autograd.Function):
     ``rec_a`` ``(batch, n, in)`` and ``rec_d`` ``(batch, n, out)``, each possibly None)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         tape: _Tape,
         bias: bool,
@@ -261,7 +261,7 @@ class _Correct(torch.autograd.Function):
     gradient through it can itself be differentiated (``inner_steps >= 2``)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         token: Tensor,
         out: Tensor,
@@ -334,8 +334,10 @@ class _Linear(_Layer):
         if u.delta_w is None and u.delta_b is None and u.rec_d is None:
             return out
         if self.token is None:
-            self.token = _Hub.apply(self.tape, self.bias, u.delta_w, u.delta_b, u.rec_a, u.rec_d)
-        flat = _Correct.apply(
+            self.token = _Hub.apply(  # type: ignore[no-untyped-call]
+                self.tape, self.bias, u.delta_w, u.delta_b, u.rec_a, u.rec_d
+            )
+        flat: Tensor = _Correct.apply(  # type: ignore[no-untyped-call]
             self.token, _rows(out), a, self.tape, self.bias, u.delta_w, u.delta_b, u.rec_a,
             u.rec_d,
         )  # fmt: skip
