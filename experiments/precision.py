@@ -26,7 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from noether_experiments import hamiltonian, pendulum, protocol, spring
+from noether_wrap import fit_conserved
 from noether_wrap.diagnostics import diagnose
+from noether_wrap.embeddings import MLPEmbedding
 
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -44,6 +46,17 @@ class Mix(nn.Module):
         ).reshape(-1)
 
 
+def labelled_g(data: hamiltonian.Data, cfg: hamiltonian.Settings) -> nn.Module:
+    """The learned g's network fitted with the derivative labels too (``velocities``: the
+    field at the clean states, HNN's labels), on the same noisy training trajectories."""
+    train = data.noisy[data.train]
+    labels = data.system.field(data.clean[data.train].reshape(-1, 2)).reshape(train.shape)
+    torch.manual_seed(0)
+    fit = fit_conserved(MLPEmbedding(2, hidden=64), train, steps=cfg.g_steps, lr=1e-3,
+                        progress=False, velocities=labels)  # fmt: skip
+    return fit.embedding
+
+
 def ladder(system: hamiltonian.System, data_seed: int, cfg: hamiltonian.Settings) -> dict[str, Any]:
     data = hamiltonian.make_data(system, data_seed)
     fits = hamiltonian.Fits(data, cfg)
@@ -57,6 +70,7 @@ def ladder(system: hamiltonian.System, data_seed: int, cfg: hamiltonian.Settings
     candidates: dict[str, nn.Module] = {f"mix {w:g}": Mix(gs["oracle"], gs["learned"], w, sign)
                                         for w in MIXES}  # fmt: skip
     candidates["formula"] = gs["formula"]
+    candidates["learned, labels"] = labelled_g(data, cfg)
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
     vanilla = protocol.rmse(hamiltonian.per_sequence_mse(hamiltonian.rollout(field, starts, data),
                                                          truth)[None, None])  # fmt: skip

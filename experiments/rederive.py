@@ -98,7 +98,7 @@ def is_table_only(report: Any) -> bool:
     split in time (its table is recomputed from its raw per-window errors)."""
     return isinstance(report, Mapping) and (
         bool(report.get("benchmark"))
-        or report.get("example") in ("newcomer", "real_blocks", "precision")
+        or report.get("example") in ("newcomer", "real_blocks", "precision", "invariants")
     )
 
 
@@ -520,6 +520,19 @@ def field_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def invariants_table(report: Mapping[str, Any]) -> str:
+    """docs/learning-g.md's several-invariants table from ``experiments/invariants.py``'s JSON:
+    per data seed, each output's conservation ratio and each energy's R² from the outputs."""
+    lines = [
+        "| data seed | ratios of the two outputs | R² of E1 | R² of E2 | steps |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for seed, r in report["seeds"].items():
+        ratios = ", ".join(f"{x:.4f}" for x in r["ratios"])
+        lines.append(f"| {seed} | {ratios} | {r['r2'][0]:.3f} | {r['r2'][1]:.3f} | {r['steps']} |")
+    return "\n".join(lines)
+
+
 def precision_table(report: Mapping[str, Any]) -> str:
     """docs/learning-g.md's precision ladder from ``experiments/precision.py``'s JSON: per
     system and g, per data seed, the diagnostic's share and drift ratio and the test-set best of
@@ -573,6 +586,8 @@ def named_table(name: str, reports: Mapping[str, Mapping[str, Any]]) -> str:
         return blocks_table(report)
     if report.get("example") == "precision":
         return precision_table(report)
+    if report.get("example") == "invariants":
+        return invariants_table(report)
     if report.get("benchmark") == "tailoring":
         return tailoring_table(report)
     if report.get("benchmark") == "compat":

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from noether_wrap import conservation_loss, fit_conserved
+from noether_wrap import conservation_loss, drift_loss, fit_conserved
 from noether_wrap.conservation import conservation_ratios, trajectory_codes
 from noether_wrap.embeddings import ConvEmbedding, FeatureLibrary, MLPEmbedding, Standardized
 
@@ -311,3 +311,86 @@ def test_the_closed_form_and_the_objective_share_one_scatter() -> None:
     lib.fit_conserved(trajs, lag=1)
     objective = float(conservation_ratios(lib, trajs, lag=1)[0])
     assert lib.conservation_ratio == pytest.approx(objective, rel=1e-4, abs=1e-6)
+
+
+def _pendulum_field(x: Tensor) -> Tensor:
+    return torch.stack([2 * x[..., 1], -3 * torch.sin(x[..., 0])], -1)
+
+
+def test_drift_loss_is_zero_for_an_invariant_and_scale_free() -> None:
+    noisy, clean = _pendulum(6, seed=0, noise=0.0)
+    labels = _pendulum_field(clean)
+    energy = lambda s: 3 * (1 - torch.cos(s[:, 0])) + s[:, 1] ** 2  # noqa: E731
+    assert float(drift_loss(energy, clean, labels)) < 1e-4  # a central difference over a step
+    q = lambda s: s[:, :1]  # noqa: E731
+    both = lambda s: torch.stack([s[:, 0], energy(s)], -1)  # noqa: E731
+    mixed = lambda s: both(s) @ torch.tensor([[2.0, 1.0], [0.5, -3.0]])  # noqa: E731
+    assert float(drift_loss(q, clean, labels)) > 0.01  # q is not conserved
+    # invariant to an invertible linear map of g's outputs
+    torch.testing.assert_close(drift_loss(mixed, clean, labels), drift_loss(both, clean, labels))
+
+
+def test_derivative_labels_make_the_fitted_g_drift_less() -> None:
+    """On noisy pendulum trajectories, labels (the field at the clean states) lower the fitted
+    g's drift along held-out labelled states, and the fit reports each output's drift."""
+    noisy, clean = _pendulum(24, seed=0, noise=0.2)
+    labels = _pendulum_field(clean)
+    _, test = _pendulum(12, seed=1, noise=0.0)
+    drifts = []
+    for velocities in (None, labels):
+        torch.manual_seed(0)
+        fit = fit_conserved(MLPEmbedding(2, hidden=32), noisy, steps=300, lr=3e-3,
+                            progress=False, velocities=velocities)  # fmt: skip
+        drifts.append(float(drift_loss(fit.embedding, test, _pendulum_field(test))))
+        assert (fit.drifts is None) == (velocities is None)
+    assert drifts[1] < 0.5 * drifts[0]
+    # reported at the noisy training states, where the labels (from clean states) disagree more
+    assert fit.drifts is not None and len(fit.drifts) == 1 and 0 <= fit.drifts[0] < 0.1
+
+
+def test_velocities_are_checked_at_the_boundary() -> None:
+    noisy, clean = _pendulum(4, seed=0)
+    labels = _pendulum_field(clean)
+    with pytest.raises(ValueError, match="`velocities` must have the shape"):
+        fit_conserved(MLPEmbedding(2), noisy, steps=1, progress=False, velocities=labels[:, 1:])
+    with pytest.raises(ValueError, match="window=1"):
+        fit_conserved(MLPEmbedding(4), noisy, window=2, steps=1, progress=False,
+                      velocities=labels)  # fmt: skip
+    bad = labels.clone()
+    bad[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="`velocities` holds 1 non-finite"):
+        fit_conserved(MLPEmbedding(2), noisy, steps=1, progress=False, velocities=bad)
+    with pytest.raises(ValueError, match="drift_weight"):
+        fit_conserved(MLPEmbedding(2), noisy, steps=1, progress=False, velocities=labels,
+                      drift_weight=-1.0)  # fmt: skip
+
+
+def _two_oscillators(n: int, seed: int, noise: float) -> tuple[Tensor, Tensor]:
+    """Two uncoupled oscillators (frequencies 1 and √2), ``(n, 60, 4)`` states ``(q1, p1, q2,
+    p2)``, and their two energies per state ``(n, 60, 2)``: two independent invariants."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor([1.0, math.sqrt(2.0)])
+    amp = 0.3 + 0.9 * torch.rand(n, 2, generator=g)
+    phase = 2 * math.pi * torch.rand(n, 2, generator=g)
+    angle = w * (0.1 * torch.arange(60.0))[None, :, None] + phase[:, None]
+    q, p = amp[:, None] * angle.cos(), -amp[:, None] * w * angle.sin()
+    x = torch.stack([q[..., 0], p[..., 0], q[..., 1], p[..., 1]], -1)
+    energies = 0.5 * (p**2 + (w * q) ** 2)
+    return x + noise * torch.randn(x.shape, generator=g), energies
+
+
+def test_two_outputs_recover_two_independent_invariants() -> None:
+    """``out_features=2`` on a system with two invariants: each energy is recovered (linear
+    R² ≥ 0.9 from the two outputs on held-out states), and both outputs are nearly conserved."""
+    train, _ = _two_oscillators(25, seed=0, noise=0.05)
+    test, energies = _two_oscillators(20, seed=1, noise=0.0)
+    torch.manual_seed(0)
+    fit = fit_conserved(MLPEmbedding(4, out_features=2, hidden=64), train, steps=1500, lr=3e-3,
+                        progress=False)  # fmt: skip
+    with torch.no_grad():
+        codes = fit.embedding(test.reshape(-1, 4)).double()
+    design = torch.cat([codes, torch.ones(len(codes), 1, dtype=torch.float64)], 1)
+    for e in energies.reshape(-1, 2).double().T:
+        residual = e - design @ torch.linalg.lstsq(design, e).solution
+        assert 1 - float(residual.var() / e.var()) >= 0.9
+    assert len(fit.ratios) == 2 and max(fit.ratios) < 0.02

@@ -245,3 +245,24 @@ def test_video_quick_json(tmp_path: Path) -> None:
     # the expert knows the law and the renderer: far below an undertrained vanilla
     assert rows["expert_physics"]["ratio"] < 0.5 and rows["expert_physics"]["error"] < 0.02
     assert report["inner_lr"]["expert_physics"] is None
+
+
+def test_precision_quick_json(tmp_path: Path) -> None:
+    """The precision ladder runs and records, per rung, the diagnostic beside the test bound,
+    including the g fitted with derivative labels."""
+    path = tmp_path / "precision.json"
+    _run("precision.py", "--quick", "--json", str(path))
+    report = json.loads(path.read_text())
+    rungs = report["systems"]["pendulum"]["0"]
+    assert {"mix 0", "mix 1", "formula", "learned, labels"} <= set(rungs)
+    for rung in rungs.values():
+        assert 0 <= rung["share"] <= 1 and rung["bound"] > 0
+        assert rung["verdict"] in ("may help", "marginal", "cannot help")
+    assert rungs["mix 0"]["share"] > 0.99  # the true energy does not drift along the data
+
+
+def test_invariants_quick_json(tmp_path: Path) -> None:
+    path = tmp_path / "invariants.json"
+    _run("invariants.py", "--quick", "--json", str(path))
+    (seed,) = json.loads(path.read_text())["seeds"].values()
+    assert len(seed["ratios"]) == 2 and len(seed["r2"]) == 2 and seed["steps"] == 200
