@@ -73,12 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         "example": "invariants",
         "seeds": {str(s): run(s, args.quick) for s in seeds},
     }
-    report["seconds"] = time.perf_counter() - start
-    report["provenance"] = protocol.provenance(report["seconds"])
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(protocol.json_text(report))
-    print(f"done in {report['seconds']:.0f} s")
+    protocol.finish_report(report, start, args.json)
 
 
 if __name__ == "__main__":

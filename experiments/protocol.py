@@ -683,6 +683,17 @@ def json_text(report: Mapping[str, Any]) -> str:
     return json.dumps(_json_safe(report), indent=2, allow_nan=False)
 
 
+def finish_report(report: dict[str, Any], start: float, path: Path | None) -> None:
+    """A table-only experiment's end: record ``seconds`` since ``start`` (``perf_counter``)
+    and the provenance, write the JSON to ``path`` (if given), and say how long it took."""
+    report["seconds"] = time.perf_counter() - start
+    report["provenance"] = provenance(report["seconds"])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json_text(report))
+    print(f"done in {report['seconds']:.0f} s")
+
+
 def write_json(
     path: Path | None,
     report: Mapping[str, Any],
