@@ -17,9 +17,9 @@ starts too); the targets are the noisy observations. ``--split extrapolation`` i
 variant: the 5 highest-energy training trajectories validate, everything is fitted on the
 other 20, so validation and the test's upper range are extrapolation.
 
-Rows: vanilla; testtime_{oracle,formula,learned} (a fixed step) and polyak_* (the scale-free
-Polyak fraction γ, up to the full Gauss–Newton step γ = 2); projection_{oracle,formula} (the
-expert's baseline: project each RK4 step onto the level set g(x) = g(x0)); control and, with
+Rows: vanilla; testtime_{oracle,formula,learned,labelled} (a fixed step) and polyak_* (the
+scale-free Polyak fraction γ, up to the full Gauss–Newton step γ = 2); projection_{oracle,formula}
+(the expert's baseline: project each RK4 step onto the level set g(x) = g(x0)); control and, with
 ``--meta``, the meta-training trial (:func:`meta_trial`): meta_{oracle,learned} (joint: the field
 and the step, and the learned g), meta_learned_frozen (g and the step; the field frozen), each
 trained on rollouts with the step a Parameter, the epoch chosen on validation, against a control
@@ -45,12 +45,23 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from noether_experiments import protocol
-from noether_wrap import NoetherWrapper, Rollout, TuneGridResult, fit_conserved, tune, tune_cv
+from noether_wrap import (
+    NoetherWrapper,
+    Rollout,
+    TuneGridResult,
+    diagnose,
+    fit_conserved,
+    tune,
+    tune_cv,
+)
+from noether_wrap.conservation import denoise_with_labels
 from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized
 from noether_wrap.tuning import DEFAULT_POLYAK_CANDIDATES, TuningWarning
 from noether_wrap.validation import kfold, window_targets
 
-EMBEDDINGS = ("oracle", "formula", "learned")
+#: The true energy, the fitted formula, the learned network, and the network fitted for precision
+#: (derivative labels, on the states they imply: docs/learning-g.md).
+EMBEDDINGS = ("oracle", "formula", "learned", "labelled")
 #: The fixed-step grid and the Polyak fractions (γ = 2 is the full Gauss–Newton step).
 CANDIDATES = (0.01, 0.0316, 0.1, 0.316, 1.0)
 POLYAK = DEFAULT_POLYAK_CANDIDATES
@@ -303,8 +314,11 @@ class Fits:
 def embeddings_for(
     data: Data, rows: Tensor, cfg: Settings
 ) -> tuple[dict[str, nn.Module], FeatureLibrary]:
-    """The three g's, each fitted on the noisy trajectories ``rows`` only (the formula's
-    weights, the network, the oracle's normalisation), and the raw library (for its formula)."""
+    """The four g's, each fitted on the trajectories ``rows`` only (the formula's weights, the
+    networks, the oracle's normalisation), and the raw library (for its formula). ``labelled``
+    is the learned g's network fitted for precision: with the derivative labels vanilla is
+    trained on (HNN's, the field at the clean states), on the states they imply
+    (:func:`~noether_wrap.conservation.denoise_with_labels` of the noisy trajectories)."""
     system = data.system
     library = FeatureLibrary(list(system.terms), variables=["q", "p"])
     train = data.noisy[rows]
@@ -313,7 +327,30 @@ def embeddings_for(
     mlp = MLPEmbedding(2, hidden=64)
     learned = fit_conserved(mlp, train, steps=cfg.g_steps, lr=1e-3, progress=False).embedding
     oracle = Standardized.fit(_Energy(system), train)
-    return {"oracle": oracle, "formula": formula, "learned": learned}, library
+    labels = labels_of(data, rows)
+    torch.manual_seed(0)
+    labelled = fit_conserved(MLPEmbedding(2, hidden=64), denoise_with_labels(train, labels),
+                             steps=cfg.g_steps, lr=1e-3, progress=False,
+                             velocities=labels).embedding  # fmt: skip
+    gs = {"oracle": oracle, "formula": formula, "learned": learned, "labelled": labelled}
+    return gs, library
+
+
+def labels_of(data: Data, rows: Tensor) -> Tensor:
+    """HNN's derivative labels of the trajectories ``rows``: the field at the clean states,
+    ``(len(rows), points, 2)``."""
+    return data.system.field(data.clean[rows])
+
+
+def diagnosis(g: nn.Module, field: nn.Module, data: Data, rows: Tensor) -> dict[str, Any]:
+    """:func:`noether_wrap.diagnose` of ``g`` for ``field`` from what a user of these data has:
+    the training trajectories ``rows`` denoised with their labels, and the labels."""
+    labels = labels_of(data, rows)
+    states = denoise_with_labels(data.noisy[rows], labels)
+    assert isinstance(states, Tensor)
+    d = diagnose(g, field, states.reshape(-1, 2), labels.reshape(-1, 2), dt=1e-3,
+                 warn_if_not=False)  # fmt: skip
+    return {"share": d.share, "drift_ratio": d.drift_ratio, "verdict": d.verdict}
 
 
 def initial_r(data: Data) -> float:
@@ -357,6 +394,8 @@ def run_seed(seed: int, data: Data, fits: Fits, cfg: Settings) -> dict[str, Any]
 
     vanilla = fits.vanilla(seed, final)
     score("vanilla", rollout(vanilla, starts, data))
+    out["diagnosis"] = {name: diagnosis(g, vanilla, data, data.train[final])
+                        for name, g in fits.gs(final).items()}  # fmt: skip
     for name in ("oracle", "formula"):
         row = f"projection_{name}"
         score(row, projected(vanilla, fits.gs(final)[name], starts, data))
@@ -669,7 +708,7 @@ def main(system: System, doc: str) -> None:
         formulas.append(library.coefficients(scale_to="p^2"))
         print(f"data seed {data_seed}: fit_conserved -> g = {library.formula(scale_to='p^2')}")
         for name in EMBEDDINGS:
-            init = {"oracle": 1.0, "formula": None, "learned": r_init}[name]
+            init = {"oracle": 1.0, "formula": None, "learned": r_init, "labelled": r_init}[name]
             embed_rows.setdefault(f"testtime_{name}", []).append(
                 embedding_metrics(gs[name], data, init)
             )
@@ -729,6 +768,9 @@ def summarise(
             "n_out_of_range": int(sum(p[0].size for p in outside)),
             "energy_drift": statistics.fmean(drift),
         }
+        name = row.split("_", 1)[-1]
+        if row.startswith(("testtime_", "polyak_")) and name in runs[0]["diagnosis"]:
+            extras[row]["diagnosis_per_run"] = [r["diagnosis"][name] for r in runs]
         if row in runs[0]["bound"]:
             bound = protocol.nested_errors(
                 [{"err": {"b": r["bound"][row], "v": r["err"]["vanilla"]},
