@@ -6,9 +6,11 @@
 For the pendulum and the spring (HNN's data, the paper's split; experiments/hamiltonian.py), per
 data seed: vanilla (model seed 0) and the g's fitted on all 25 training trajectories, and a
 ladder of g's between the true energy and the learned g, ``(1 − w) H + w g_learned`` (both
-standardised, the learned g's sign aligned with H). For each rung, the diagnostic of
-``noether_wrap.diagnostics.diagnose`` on the training states with their derivative labels (the
-share of the Noether loss that is the model's error, and g's drift ratio), and the test-set best
+standardised, the learned g's sign aligned with H), the formula, and the network fitted for
+precision (``labelled``: derivative labels on the states they imply). For each rung, the
+diagnostic of ``noether_wrap.diagnose`` from what a user has (``hamiltonian.diagnosis``: the
+training trajectories denoised with their labels, and the labels; the share of the Noether loss
+that is the model's error, and g's drift ratio), and the test-set best
 of Polyak tailoring over the grid (γ chosen ON THE TEST SET: a bound on what tailoring with that
 g can do, never a result). The ladder calibrates ``SHARE_TO_HELP``; the verdict is compared with
 the paper-split experiments' cross-validated on/off decisions in docs/learning-g.md.
@@ -26,9 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from noether_experiments import hamiltonian, pendulum, protocol, spring
-from noether_wrap import fit_conserved
-from noether_wrap.diagnostics import diagnose
-from noether_wrap.embeddings import MLPEmbedding
 
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -46,31 +45,19 @@ class Mix(nn.Module):
         ).reshape(-1)
 
 
-def labelled_g(data: hamiltonian.Data, cfg: hamiltonian.Settings) -> nn.Module:
-    """The learned g's network fitted with the derivative labels too (``velocities``: the
-    field at the clean states, HNN's labels), on the same noisy training trajectories."""
-    train = data.noisy[data.train]
-    labels = data.system.field(data.clean[data.train].reshape(-1, 2)).reshape(train.shape)
-    torch.manual_seed(0)
-    fit = fit_conserved(MLPEmbedding(2, hidden=64), train, steps=cfg.g_steps, lr=1e-3,
-                        progress=False, velocities=labels)  # fmt: skip
-    return fit.embedding
-
-
 def ladder(system: hamiltonian.System, data_seed: int, cfg: hamiltonian.Settings) -> dict[str, Any]:
     data = hamiltonian.make_data(system, data_seed)
     fits = hamiltonian.Fits(data, cfg)
     everything = torch.arange(data.train.numel())
     field, gs = fits.vanilla(0, everything), fits.gs(everything)
     states = data.clean[data.train].reshape(-1, 2)
-    labels = system.field(states)
     with torch.no_grad():
         pair = torch.stack([gs["oracle"](states).reshape(-1), gs["learned"](states).reshape(-1)])
         sign = float(torch.sign(torch.corrcoef(pair)[0, 1]))
     candidates: dict[str, nn.Module] = {f"mix {w:g}": Mix(gs["oracle"], gs["learned"], w, sign)
                                         for w in MIXES}  # fmt: skip
     candidates["formula"] = gs["formula"]
-    candidates["learned, labels"] = labelled_g(data, cfg)
+    candidates["labelled"] = gs["labelled"]
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
     vanilla = protocol.rmse(hamiltonian.per_sequence_mse(hamiltonian.rollout(field, starts, data),
                                                          truth)[None, None])  # fmt: skip
@@ -78,22 +65,17 @@ def ladder(system: hamiltonian.System, data_seed: int, cfg: hamiltonian.Settings
     for name, g in candidates.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            d = diagnose(g, field, states, labels, dt=1e-3)
+            d = hamiltonian.diagnosis(g, field, data, data.train)
             net = hamiltonian.tailored_field(field, g, data.dt, 1.0)
             net.step_rule = "polyak"
             bound = hamiltonian.test_bound(
                 net, starts, truth, "polyak", cfg.grids[1],
                 lambda n, x: hamiltonian.rollout(n, x, data),
             )  # fmt: skip
-        out[name] = {
-            "share": d.share,
-            "drift_ratio": d.drift_ratio,
-            "verdict": d.verdict,
-            "bound": protocol.rmse(bound[None, None]) / vanilla,
-        }
-        bound = out[name]["bound"]
-        print(f"  {system.name} data seed {data_seed} {name:<10} share {d.share:.3f}  drift "
-              f"{d.drift_ratio:.3f}  {d.verdict:<12} test-best* {bound:.3f}")  # fmt: skip
+        out[name] = {**d, "bound": protocol.rmse(bound[None, None]) / vanilla}
+        print(f"  {system.name} data seed {data_seed} {name:<10} share {d['share']:.3f}  drift "
+              f"{d['drift_ratio']:.3f}  {d['verdict']:<12} test-best* "
+              f"{out[name]['bound']:.3f}")  # fmt: skip
     return out
 
 

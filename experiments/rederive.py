@@ -533,6 +533,26 @@ def invariants_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def invariants_ranking_table(report: Mapping[str, Any]) -> str:
+    """docs/learning-g.md's "which invariant" table from ``experiments/invariants.py``'s JSON:
+    per data seed and output of the precision fit, the R² of each energy from that output
+    alone, the diagnostic's share, the test-set best of tailoring with that output alone (a
+    bound), and whether the larger share went with the lower bound."""
+    lines = [
+        "| data seed | output | R² of E1 | R² of E2 | share | test-best* | ranks agree |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for seed, r in report["seeds"].items():
+        fit = r["precision_fit"]
+        for j, o in enumerate(fit["outputs"]):
+            agree = ("yes" if fit["ranks_agree"] else "no") if j == 0 else ""
+            lines.append(
+                f"| {seed} | {j} | {o['r2'][0]:.3f} | {o['r2'][1]:.3f} | {o['share']:.3f} | "
+                f"{o['bound']:.3f} | {agree} |"
+            )
+    return "\n".join(lines)
+
+
 def precision_table(report: Mapping[str, Any]) -> str:
     """docs/learning-g.md's precision ladder from ``experiments/precision.py``'s JSON: per
     system and g, per data seed, the diagnostic's share and drift ratio and the test-set best of
@@ -557,6 +577,52 @@ def precision_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _agrees(verdict: str, on: bool) -> bool | None:
+    """Whether a diagnostic verdict agrees with a cross-validated on/off decision: "may help"
+    with on, "cannot help" with off; "marginal" makes no claim (None)."""
+    if verdict == "marginal":
+        return None
+    return (verdict == "may help") == on
+
+
+def diagnosis_table(report: Mapping[str, Any]) -> str:
+    """Each ``g``'s diagnosis beside what cross-validation decided, from a Hamiltonian example's
+    JSON: per data seed the diagnostic's share (mean over model seeds) and verdicts, the runs
+    in which the fixed-step and the Polyak row were switched on (a step above 0), the runs where
+    the verdict agrees with the decision ("marginal" makes no claim), and each row's test
+    ratio to vanilla."""
+    rows = rederived_report(report)["rows"]
+    runs = len(report["data_seeds"]) * len(report["seeds"])
+    per = len(report["seeds"])
+    lines = [
+        "| g | share (per data seed) | verdicts | fixed step on | Polyak on | verdict agrees "
+        "| fixed / Polyak ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = [r.split("_", 1)[1] for r in rows if r.startswith("polyak_")]
+    for name in names:
+        fixed, polyak = rows[f"testtime_{name}"], rows[f"polyak_{name}"]
+        found = polyak.get("diagnosis_per_run")
+        if not found:
+            continue
+        shares = [d["share"] for d in found]
+        seeds = ", ".join(f"{sum(shares[i : i + per]) / per:.3f}" for i in range(0, runs, per))
+        verdicts = " / ".join(sorted({d["verdict"] for d in found}))
+        on = {
+            key: [lr > 0 for lr in row["inner_lr_per_seed"]]
+            for key, row in (("fixed", fixed), ("polyak", polyak))
+        }
+        claims = [_agrees(d["verdict"], o) for key in on for d, o in zip(found, on[key])]
+        made = [c for c in claims if c is not None]
+        agree = f"{sum(made)}/{len(made)}" if made else "— (marginal)"
+        lines.append(
+            f"| {name} | {seeds} | {verdicts} | {sum(on['fixed'])}/{runs} | "
+            f"{sum(on['polyak'])}/{runs} | {agree} | {_big(fixed['ratio'])} / "
+            f"{_big(polyak['ratio'])} |"
+        )
+    return "\n".join(lines)
+
+
 #: ``NAME.kind`` table kinds, each built from the one report ``NAME.json``.
 KINDS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "curves": curves_table,
@@ -565,6 +631,8 @@ KINDS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "embeddings": embeddings_table,
     "embeddings_rows": embeddings_rows_table,
     "probes": probes_table,
+    "diagnosis": diagnosis_table,
+    "ranking": invariants_ranking_table,
 }
 
 

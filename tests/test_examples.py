@@ -105,9 +105,8 @@ def test_pendulum_quick_json(tmp_path: Path) -> None:
     report = json.loads(path.read_text())
     check_protocol_report(report, "pendulum")
     rows = report["rows"]
-    tailored = {
-        f"{rule}_{g}" for rule in ("testtime", "polyak") for g in ("oracle", "formula", "learned")
-    }
+    gs = ("oracle", "formula", "learned", "labelled")
+    tailored = {f"{rule}_{g}" for rule in ("testtime", "polyak") for g in gs}
     expected = {"vanilla", "control", "projection_oracle", "projection_formula"} | tailored
     expected |= {"meta_oracle", "meta_learned", "meta_learned_frozen"}
     expected |= {"meta_oracle_untailored", "meta_learned_untailored"}
@@ -122,12 +121,17 @@ def test_pendulum_quick_json(tmp_path: Path) -> None:
         assert len(rows[name]["bound_per_data_seed"]) == 1
         # cross-validated: every one of the 25 training trajectories scored once
         assert rows[name]["validation_error"] is not None
+        # each g's diagnosis beside the decision, from the denoised training states
+        (diagnosis,) = rows[name]["diagnosis_per_run"]
+        assert 0 <= diagnosis["share"] <= 1
+        assert diagnosis["verdict"] in ("may help", "marginal", "cannot help")
+    assert rows["polyak_oracle"]["diagnosis_per_run"][0]["share"] > 0.95  # H barely drifts
+    assert rows["polyak_oracle"]["diagnosis_per_run"][0]["verdict"] == "may help"
     assert rows["projection_oracle"]["energy_drift"] < 1e-3  # on the level set by construction
     fixed, polyak = (0.0, 0.1, 1.0), (0.0, 1.0, 2.0)  # --quick's grids; 0.0 where "off" won
-    for name in ("testtime_oracle", "testtime_formula", "testtime_learned"):
-        assert report["inner_lr"][name] in fixed
-    for name in ("polyak_oracle", "polyak_formula", "polyak_learned"):
-        assert report["inner_lr"][name] in polyak
+    for g in gs:
+        assert report["inner_lr"][f"testtime_{g}"] in fixed
+        assert report["inner_lr"][f"polyak_{g}"] in polyak
     assert report["inner_lr"]["meta_oracle_untailored"] is None
     trial = report["meta_trial"]
     assert set(trial) == {"meta_oracle", "meta_learned", "meta_learned_frozen", "control"}
@@ -254,7 +258,7 @@ def test_precision_quick_json(tmp_path: Path) -> None:
     _run("precision.py", "--quick", "--json", str(path))
     report = json.loads(path.read_text())
     rungs = report["systems"]["pendulum"]["0"]
-    assert {"mix 0", "mix 1", "formula", "learned, labels"} <= set(rungs)
+    assert {"mix 0", "mix 1", "formula", "labelled"} <= set(rungs)
     for rung in rungs.values():
         assert 0 <= rung["share"] <= 1 and rung["bound"] > 0
         assert rung["verdict"] in ("may help", "marginal", "cannot help")
@@ -266,3 +270,8 @@ def test_invariants_quick_json(tmp_path: Path) -> None:
     _run("invariants.py", "--quick", "--json", str(path))
     (seed,) = json.loads(path.read_text())["seeds"].values()
     assert len(seed["ratios"]) == 2 and len(seed["r2"]) == 2 and seed["steps"] == 200
+    fit = seed["precision_fit"]  # which output tailoring relies on, and does the share say so
+    assert len(fit["outputs"]) == 2 and isinstance(fit["ranks_agree"], bool)
+    for output in fit["outputs"]:
+        assert 0 <= output["share"] <= 1 and output["bound"] <= 1 + 1e-5  # "off" is in the grid
+        assert len(output["r2"]) == 2
