@@ -49,12 +49,12 @@ from noether_wrap import (
     NoetherWrapper,
     Rollout,
     TuneGridResult,
+    denoise_with_labels,
     diagnose,
     fit_conserved,
     tune,
     tune_cv,
 )
-from noether_wrap.conservation import denoise_with_labels
 from noether_wrap.embeddings import FeatureLibrary, MLPEmbedding, Standardized
 from noether_wrap.tuning import DEFAULT_POLYAK_CANDIDATES, TuningWarning
 from noether_wrap.validation import kfold, window_targets

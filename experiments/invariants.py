@@ -30,8 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from noether_experiments import hamiltonian, protocol
-from noether_wrap import Rollout, diagnose, fit_conserved
-from noether_wrap.conservation import denoise_with_labels
+from noether_wrap import Rollout, denoise_with_labels, diagnose, fit_conserved
 from noether_wrap.embeddings import MLPEmbedding
 
 FREQUENCIES = (1.0, math.sqrt(2.0))

@@ -2,7 +2,13 @@
 
 from noether_wrap import embeddings, validation
 from noether_wrap._inner import Affine
-from noether_wrap.conservation import ConservedFit, conservation_loss, drift_loss, fit_conserved
+from noether_wrap.conservation import (
+    ConservedFit,
+    conservation_loss,
+    denoise_with_labels,
+    drift_loss,
+    fit_conserved,
+)
 from noether_wrap.diagnostics import Diagnosis, diagnose
 from noether_wrap.loss import noether_loss
 from noether_wrap.rollout import Rollout
@@ -34,6 +40,7 @@ __all__ = [
     "TuningWarning",
     "__version__",
     "conservation_loss",
+    "denoise_with_labels",
     "diagnose",
     "drift_loss",
     "embeddings",

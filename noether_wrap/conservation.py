@@ -224,7 +224,8 @@ def denoise_with_labels(trajectories: Trajectories, velocities: Trajectories) ->
 
     Example:
         >>> import torch
-        >>> from noether_wrap.conservation import denoise_with_labels
+        >>> from noether_wrap import denoise_with_labels
+        >>> _ = torch.manual_seed(0)
         >>> t = torch.linspace(0, 3, 45, dtype=torch.float64)
         >>> clean = torch.stack([torch.cos(t), -torch.sin(t)], -1)[None]     # (1, 45, 2)
         >>> labels = torch.stack([-torch.sin(t), -torch.cos(t)], -1)[None]

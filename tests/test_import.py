@@ -18,6 +18,7 @@ def test_public_names_are_pinned() -> None:
         "TuningWarning",
         "__version__",
         "conservation_loss",
+        "denoise_with_labels",
         "diagnose",
         "drift_loss",
         "embeddings",
