@@ -10,7 +10,8 @@ held-out trajectories the linear R² of each energy from the two outputs, beside
 conservation ratio (``fit.ratios``).
 
 Which invariant does tailoring rely on? The same network fitted for precision (the derivative
-labels, on the states they imply: ``denoise_with_labels``), a vector field (an MLP fitted for
+labels, on the states they imply: ``denoise_with_labels``; 2,000 steps, cosine decay from
+``hamiltonian.LABELLED_LR``), a vector field (an MLP fitted for
 300 steps on the noisy states with the clean labels, HNN's convention), and per output: its R²
 of each energy alone, the diagnostic's share (``diagnose`` on the denoised training states with
 their labels), and the test-set best of Polyak tailoring with that output alone (γ chosen ON
@@ -77,7 +78,8 @@ def which_invariant(seed: int, quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     fit = fit_conserved(MLPEmbedding(4, out_features=2, hidden=64),
                         denoise_with_labels(train, labels), velocities=labels, progress=False,
-                        steps=200 if quick else None)  # fmt: skip
+                        steps=200 if quick else 2000, lr=hamiltonian.LABELLED_LR,
+                        schedule="cosine")  # fmt: skip
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                           nn.Linear(64, 4))  # fmt: skip

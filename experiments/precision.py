@@ -10,7 +10,9 @@ standardised, the learned g's sign aligned with H), the formula, and the network
 precision (``labelled``: derivative labels on the states they imply). For each rung, the
 diagnostic of ``noether_wrap.diagnose`` from what a user has (``hamiltonian.diagnosis``: the
 training trajectories denoised with their labels, and the labels; the share of the Noether loss
-that is the model's error, and g's drift ratio), and the test-set best
+that is the model's error, and g's drift ratio; beside it the share on the clean training
+states, which only a simulation has: the residual per-trajectory offset of the denoised states
+counts as drift), and the test-set best
 of Polyak tailoring over the grid (γ chosen ON THE TEST SET: a bound on what tailoring with that
 g can do, never a result). The ladder calibrates ``SHARE_TO_HELP``; the verdict is compared with
 the paper-split experiments' cross-validated on/off decisions in docs/learning-g.md.
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from noether_experiments import hamiltonian, pendulum, protocol, spring
+from noether_wrap import diagnose
 
 MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -66,15 +69,17 @@ def ladder(system: hamiltonian.System, data_seed: int, cfg: hamiltonian.Settings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             d = hamiltonian.diagnosis(g, field, data, data.train)
+            clean = diagnose(g, field, states, system.field(states), dt=1e-3, warn_if_not=False)
             net = hamiltonian.tailored_field(field, g, data.dt, 1.0)
             net.step_rule = "polyak"
             bound = hamiltonian.test_bound(
                 net, starts, truth, "polyak", cfg.grids[1],
                 lambda n, x: hamiltonian.rollout(n, x, data),
             )  # fmt: skip
-        out[name] = {**d, "bound": protocol.rmse(bound[None, None]) / vanilla}
-        print(f"  {system.name} data seed {data_seed} {name:<10} share {d['share']:.3f}  drift "
-              f"{d['drift_ratio']:.3f}  {d['verdict']:<12} test-best* "
+        out[name] = {**d, "share_clean": clean.share,
+                     "bound": protocol.rmse(bound[None, None]) / vanilla}  # fmt: skip
+        print(f"  {system.name} data seed {data_seed} {name:<10} share {d['share']:.3f} (clean "
+              f"{clean.share:.3f})  drift {d['drift_ratio']:.3f}  {d['verdict']:<12} test-best* "
               f"{out[name]['bound']:.3f}")  # fmt: skip
     return out
 

@@ -555,11 +555,13 @@ def invariants_ranking_table(report: Mapping[str, Any]) -> str:
 
 def precision_table(report: Mapping[str, Any]) -> str:
     """docs/learning-g.md's precision ladder from ``experiments/precision.py``'s JSON: per
-    system and g, per data seed, the diagnostic's share and drift ratio and the test-set best of
+    system and g, per data seed, the diagnostic's share (from the denoised training states, and
+    from the clean ones) and drift ratio and the test-set best of
     Polyak tailoring with it (a bound), as stored."""
     lines = [
-        "| system | g | share (per data seed) | drift ratio | verdict | test-best* |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| system | g | share (per data seed) | share, clean states | drift ratio | verdict "
+        "| test-best* |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for system, seeds in report["systems"].items():
         names = list(next(iter(seeds.values())))
@@ -571,7 +573,8 @@ def precision_table(report: Mapping[str, Any]) -> str:
 
             verdicts = " / ".join(sorted({c["verdict"] for c in cells}))
             lines.append(
-                f"| {system} | {name} | {column('share')} | {column('drift_ratio')} | "
+                f"| {system} | {name} | {column('share')} | {column('share_clean')} | "
+                f"{column('drift_ratio')} | "
                 f"{verdicts} | {column('bound')} |"
             )
     return "\n".join(lines)

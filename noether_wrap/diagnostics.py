@@ -103,7 +103,10 @@ def diagnose(
         embedding: ``g``, ``(N, *state) -> (N, m)`` or ``(N,)``.
         model: one step of the predictor: ``kind="field"``, a vector field ``(N, *state) ->
             (N, *state)`` (the derivative); ``kind="step"``, the next state.
-        states: ``(N, *state)`` training states (noisy observations are fine).
+        states: ``(N, *state)`` training states. With derivative labels from clean states and
+            noisy observations, pass the states the labels imply
+            (:func:`~noether_wrap.conservation.denoise_with_labels`): ``g``'s gradient at a
+            noisy state along the clean state's label counts the noise as drift.
         targets: ``(N, *state)`` what the data says at each state: derivative labels
             (``"field"``) or the observed next states (``"step"``; their noise counts as
             drift, so pass denoised or clean next states where you have them).
