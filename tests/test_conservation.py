@@ -407,6 +407,33 @@ def test_denoising_with_labels_checks_its_inputs() -> None:
         denoise_with_labels(noisy, bad)
 
 
+def test_cosine_schedule_is_adam_with_cosine_annealing() -> None:
+    """``schedule="cosine"``: the fit is Adam under ``CosineAnnealingLR`` over the steps on the
+    objective (conservation plus weighted drift), written here plainly; a fixed count only."""
+    noisy, clean = _pendulum(6, seed=0)
+    labels = _pendulum_field(clean)
+    torch.manual_seed(0)
+    fitted = MLPEmbedding(2, hidden=16)
+    torch.manual_seed(0)
+    plain = MLPEmbedding(2, hidden=16)
+    fit_conserved(fitted, noisy, steps=5, lr=1e-2, schedule="cosine", velocities=labels,
+                  drift_weight=3.0, standardize=False, progress=False)  # fmt: skip
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5)
+    for _ in range(5):
+        loss = conservation_loss(plain, noisy) + 3.0 * drift_loss(plain, noisy, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decay.step()
+    for a, b in zip(fitted.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="int `steps`"):
+        fit_conserved(MLPEmbedding(2), noisy, schedule="cosine", progress=False)
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        fit_conserved(MLPEmbedding(2), noisy, steps=1, schedule="linear", progress=False)
+
+
 def test_two_outputs_recover_two_independent_invariants() -> None:
     """``out_features=2`` on a system with two invariants: each energy is recovered (linear
     R² ≥ 0.9 from the two outputs on held-out states), and both outputs are nearly conserved."""
