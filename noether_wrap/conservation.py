@@ -422,8 +422,8 @@ class ConservedFit(NamedTuple):
         drifts: with ``velocities``, each returned output's drift along the labels over one
             observed step, relative to its spread (the diagonal of :func:`drift_loss`'s
             matrix; 0 = exact), at the observed states: where they are noisy and the labels
-            clean, this includes the mismatch (on held-out clean states it is lower); None
-            without labels.
+            clean, this includes the mismatch (fit on :func:`denoise_with_labels`' states to
+            remove most of it); None without labels.
 
     The first four fields keep their order, so ``g, ratios, losses, seconds, *_ = fit`` unpacks.
     """
