@@ -347,14 +347,19 @@ def labels_of(data: Data, rows: Tensor) -> Tensor:
     return data.system.field(data.clean[rows])
 
 
-def diagnosis(g: nn.Module, field: nn.Module, data: Data, rows: Tensor) -> dict[str, Any]:
-    """:func:`noether_wrap.diagnose` of ``g`` for ``field`` from what a user of these data has:
-    the training trajectories ``rows`` denoised with their labels, and the labels."""
+def user_states(data: Data, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """What a user of these data has for :func:`diagnosis`: the states of the training
+    trajectories ``rows`` denoised with their labels, and the labels, both ``(N, 2)``."""
     labels = labels_of(data, rows)
     states = denoise_with_labels(data.noisy[rows], labels)
     assert isinstance(states, Tensor)
-    d = diagnose(g, field, states.reshape(-1, 2), labels.reshape(-1, 2), dt=1e-3,
-                 warn_if_not=False)  # fmt: skip
+    return states.reshape(-1, 2), labels.reshape(-1, 2)
+
+
+def diagnosis(g: nn.Module, field: nn.Module, states: tuple[Tensor, Tensor]) -> dict[str, Any]:
+    """:func:`noether_wrap.diagnose` of ``g`` for ``field`` on ``(states, labels)``
+    (:func:`user_states`)."""
+    d = diagnose(g, field, *states, dt=1e-3, warn_if_not=False)
     return {"share": d.share, "drift_ratio": d.drift_ratio, "verdict": d.verdict}
 
 
@@ -399,8 +404,8 @@ def run_seed(seed: int, data: Data, fits: Fits, cfg: Settings) -> dict[str, Any]
 
     vanilla = fits.vanilla(seed, final)
     score("vanilla", rollout(vanilla, starts, data))
-    out["diagnosis"] = {name: diagnosis(g, vanilla, data, data.train[final])
-                        for name, g in fits.gs(final).items()}  # fmt: skip
+    known = user_states(data, data.train[final])
+    out["diagnosis"] = {name: diagnosis(g, vanilla, known) for name, g in fits.gs(final).items()}
     for name in ("oracle", "formula"):
         row = f"projection_{name}"
         score(row, projected(vanilla, fits.gs(final)[name], starts, data))

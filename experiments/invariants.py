@@ -75,9 +75,11 @@ def which_invariant(seed: int, quick: bool) -> dict[str, Any]:
     clean, _ = oscillators(25, seed, 0.0)
     test, energies = oscillators(20, 100 + seed, 0.0)
     labels = field(clean)
+    states = denoise_with_labels(train, labels)
+    assert isinstance(states, Tensor)
     torch.manual_seed(0)
-    fit = fit_conserved(MLPEmbedding(4, out_features=2, hidden=64),
-                        denoise_with_labels(train, labels), velocities=labels, progress=False,
+    fit = fit_conserved(MLPEmbedding(4, out_features=2, hidden=64), states, velocities=labels,
+                        progress=False,
                         steps=200 if quick else 2000, lr=hamiltonian.LABELLED_LR,
                         schedule="cosine")  # fmt: skip
     torch.manual_seed(seed)
@@ -85,8 +87,6 @@ def which_invariant(seed: int, quick: bool) -> dict[str, Any]:
                           nn.Linear(64, 4))  # fmt: skip
     x, target = train.reshape(-1, 4), labels.reshape(-1, 4)
     hamiltonian.fit(model.parameters(), lambda: model(x), target, 50 if quick else 300, "field")
-    states = denoise_with_labels(train, labels)
-    assert isinstance(states, Tensor)
     starts, truth = test[:, 0], test[:, 1:]
 
     def rollout(net: nn.Module, s: Tensor) -> Tensor:

@@ -64,11 +64,12 @@ def ladder(system: hamiltonian.System, data_seed: int, cfg: hamiltonian.Settings
     starts, truth = data.clean[data.test, 0], data.clean[data.test, 1:]
     vanilla = protocol.rmse(hamiltonian.per_sequence_mse(hamiltonian.rollout(field, starts, data),
                                                          truth)[None, None])  # fmt: skip
+    known = hamiltonian.user_states(data, data.train)
     out: dict[str, Any] = {}
     for name, g in candidates.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            d = hamiltonian.diagnosis(g, field, data, data.train)
+            d = hamiltonian.diagnosis(g, field, known)
             clean = diagnose(g, field, states, system.field(states), dt=1e-3, warn_if_not=False)
             net = hamiltonian.tailored_field(field, g, data.dt, 1.0)
             net.step_rule = "polyak"
